@@ -1,0 +1,18 @@
+//! kontext-loader: checkpoint files → canonical named tensors, without copying.
+//!
+//! Files are memory-mapped; tensors stay in their stored dtype (fp8 with its scales) until a
+//! backend asks for f32 (CPU) or uploads the bytes (GPU). Every supported layout (BFL and
+//! ComfyUI single files, diffusers folders, sharded folders) is mapped onto one set of
+//! canonical names: the BFL keys for the transformer and autoencoder, the Hugging Face keys for
+//! the text encoders.
+
+pub mod dtype;
+pub mod error;
+pub mod safetensors;
+pub mod tensors;
+pub mod transformer;
+
+pub use dtype::DType;
+pub use error::{LoadError, Result};
+pub use tensors::{Component, Quant, TensorSet, Weight, WeightPart};
+pub use transformer::{load_transformer, FluxConfig, Transformer, TransformerOptions};
