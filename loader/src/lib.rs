@@ -6,13 +6,22 @@
 //! canonical names: the BFL keys for the transformer and autoencoder, the Hugging Face keys for
 //! the text encoders.
 
+pub mod clip;
+mod config;
 pub mod dtype;
 pub mod error;
+pub mod model;
 pub mod safetensors;
+pub mod t5;
 pub mod tensors;
 pub mod transformer;
+pub mod vae;
 
+pub use clip::{load_clip, Clip, ClipConfig};
 pub use dtype::DType;
 pub use error::{LoadError, Result};
+pub use model::{open_component, AnyComponent, ModelPaths};
+pub use t5::{load_t5, T5Config, T5};
 pub use tensors::{Component, Quant, TensorSet, Weight, WeightPart};
 pub use transformer::{load_transformer, FluxConfig, Transformer, TransformerOptions};
+pub use vae::{load_vae, Vae, VaeConfig, VaeOptions};

@@ -424,6 +424,23 @@ impl Component {
     }
 }
 
+/// Whether a stored shape can stand for an expected one without moving bytes: equal, both
+/// scalars (`[]` vs `[1]`), or equal up to trailing 1s (diffusers stores the autoencoder's 1×1
+/// attention convolutions as linears, `[c, c]` for `[c, c, 1, 1]`).
+fn shapes_match(stored: &[usize], expected: &[usize]) -> bool {
+    fn trim(s: &[usize]) -> &[usize] {
+        let mut n = s.len();
+        while n > 1 && s[n - 1] == 1 {
+            n -= 1;
+        }
+        &s[..n]
+    }
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    stored == expected
+        || (numel(stored) == 1 && numel(expected) == 1)
+        || trim(stored) == trim(expected)
+}
+
 /// Builds a component from `set`: every expected tensor present with its config shape, every
 /// other key used or on [`IGNORED_KEYS`]. All problems are gathered into one error. Source keys
 /// are looked up as `prefix + key`; keys outside `prefix` are ignored (they belong to other
@@ -481,7 +498,7 @@ pub fn assemble(
                     ));
                     continue 'expect;
                 }
-                let row_bytes = if rows == 0 { 0 } else { bytes.len() / rows };
+                let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
                 bytes = bytes.slice(b * row_bytes, (en - b) * row_bytes);
                 part_shape[0] = en - b;
                 en - b
@@ -535,10 +552,7 @@ pub fn assemble(
             });
         }
         let shape = shape.unwrap_or_default();
-        // A scalar may be stored as [] or [1].
-        let same = shape == e.shape
-            || (shape.iter().product::<usize>() == 1 && e.shape.iter().product::<usize>() == 1);
-        if !same {
+        if !shapes_match(&shape, &e.shape) {
             problems.push(format!(
                 "{}: shape {:?} but the config needs {:?} (from {})",
                 e.canonical,

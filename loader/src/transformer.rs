@@ -1,6 +1,7 @@
 //! The Flux transformer: config, expected tensors, and the one table that maps the diffusers
 //! layout onto the canonical BFL names (spec 1.12, 1.14).
 
+use crate::config::{config_err, push_layer, JsonConfig, Shapes};
 use crate::error::{LoadError, Result};
 use crate::tensors::{assemble, Component, Expect, Src, TensorSet};
 use std::path::Path;
@@ -220,10 +221,7 @@ pub fn expected_shapes(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
     let (d, m, hd) = (cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim);
     let mut v: Vec<(String, Vec<usize>)> = Vec::new();
     let mut linear = |name: String, out: usize, inp: usize, bias: bool| {
-        v.push((format!("{name}.weight"), vec![out, inp]));
-        if bias {
-            v.push((format!("{name}.bias"), vec![out]));
-        }
+        push_layer(&mut v, &name, vec![out, inp], bias)
     };
     linear("img_in".into(), d, cfg.in_channels, true);
     linear("txt_in".into(), d, cfg.context_in_dim, true);
@@ -271,44 +269,6 @@ pub fn expected_shapes(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
     v
 }
 
-/// Highest `N + 1` among keys `prefix N.…`.
-fn count_blocks<'a>(keys: impl Iterator<Item = &'a String>, prefix: &str) -> usize {
-    keys.filter_map(|k| k.strip_prefix(prefix))
-        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-        .map(|n| n + 1)
-        .max()
-        .unwrap_or(0)
-}
-
-fn config_err(path: &Path, reason: impl Into<String>) -> LoadError {
-    LoadError::Config {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-/// The shape of `key`, or a config error saying the key is needed to size the model.
-fn shape_of(set: &TensorSet, key: &str) -> Result<Vec<usize>> {
-    set.info(key).map(|i| i.shape.clone()).ok_or_else(|| {
-        config_err(
-            &set.root,
-            format!("cannot size the model: tensor {key} is missing"),
-        )
-    })
-}
-
-fn dim(shape: &[usize], i: usize, set: &TensorSet, key: &str) -> Result<usize> {
-    shape.get(i).copied().ok_or_else(|| {
-        config_err(
-            &set.root,
-            format!(
-                "tensor {key} has shape {shape:?}, expected at least {} dims",
-                i + 1
-            ),
-        )
-    })
-}
-
 /// Default RoPE split: the real model's (spec 1.1) when the head dim is 128.
 fn default_axes(head_dim: usize, path: &Path, opts: &TransformerOptions) -> Result<Vec<usize>> {
     match (&opts.axes_dim, head_dim) {
@@ -316,40 +276,29 @@ fn default_axes(head_dim: usize, path: &Path, opts: &TransformerOptions) -> Resu
         (None, 128) => Ok(vec![16, 56, 56]),
         (None, hd) => Err(config_err(
             path,
-            format!("a single-file checkpoint with head dim {hd} does not say how RoPE splits it over the 3 axes. HINT: pass the axes split (e.g. axes_dim) or use a diffusers folder with config.json"),
+            format!("a single-file checkpoint with head dim {hd} does not say how RoPE splits it over the 3 axes. HINT: pass the axes split (axes_dim) or use a diffusers folder with config.json"),
         )),
     }
 }
 
-/// Infers the config of a BFL single file from its tensor shapes (`p` = key prefix).
-fn infer_bfl_config(set: &TensorSet, p: &str, opts: &TransformerOptions) -> Result<FluxConfig> {
-    let get = |k: &str| {
-        let key = format!("{p}{k}");
-        shape_of(set, &key).map(|s| (s, key))
-    };
-    let (img_in, k_img) = get("img_in.weight")?;
-    let hidden_size = dim(&img_in, 0, set, &k_img)?;
-    let in_channels = dim(&img_in, 1, set, &k_img)?;
-    let (fin, k_fin) = get("final_layer.linear.weight")?;
-    let (txt_in, k_txt) = get("txt_in.weight")?;
-    let (vec_in, k_vec) = get("vector_in.in_layer.weight")?;
-    let depth = count_blocks(set.keys(), &format!("{p}double_blocks."));
-    let depth_single = count_blocks(set.keys(), &format!("{p}single_blocks."));
-    let (norm_key, mlp_key) = if depth > 0 {
+/// Infers the config of a BFL single file from its tensor shapes (`prefix` = key prefix).
+fn infer_bfl_config(
+    set: &TensorSet,
+    prefix: &str,
+    opts: &TransformerOptions,
+) -> Result<FluxConfig> {
+    let s = Shapes { set, prefix };
+    let hidden_size = s.dim("img_in.weight", 0)?;
+    let depth = s.count("double_blocks.");
+    let (head_dim, mut mlp_hidden) = if depth > 0 {
         (
-            "double_blocks.0.img_attn.norm.query_norm.scale",
-            "double_blocks.0.img_mlp.0.weight",
+            s.dim("double_blocks.0.img_attn.norm.query_norm.scale", 0)?,
+            s.dim("double_blocks.0.img_mlp.0.weight", 0)?,
         )
     } else {
-        (
-            "single_blocks.0.norm.query_norm.scale",
-            "single_blocks.0.linear1.weight",
-        )
+        let linear1 = s.dim("single_blocks.0.linear1.weight", 0)?;
+        (s.dim("single_blocks.0.norm.query_norm.scale", 0)?, linear1)
     };
-    let (qn, k_qn) = get(norm_key)?;
-    let head_dim = dim(&qn, 0, set, &k_qn)?;
-    let (mlp, k_mlp) = get(mlp_key)?;
-    let mut mlp_hidden = dim(&mlp, 0, set, &k_mlp)?;
     if depth == 0 {
         mlp_hidden = mlp_hidden.saturating_sub(3 * hidden_size);
     }
@@ -359,91 +308,60 @@ fn infer_bfl_config(set: &TensorSet, p: &str, opts: &TransformerOptions) -> Resu
             format!("hidden size {hidden_size} is not a multiple of the head dim {head_dim}"),
         ));
     }
-    let qkv_bias = depth == 0 || set.contains(&format!("{p}double_blocks.0.img_attn.qkv.bias"));
     Ok(FluxConfig {
-        in_channels,
-        out_channels: dim(&fin, 0, set, &k_fin)?,
-        vec_in_dim: dim(&vec_in, 1, set, &k_vec)?,
-        context_in_dim: dim(&txt_in, 1, set, &k_txt)?,
+        in_channels: s.dim("img_in.weight", 1)?,
+        out_channels: s.dim("final_layer.linear.weight", 0)?,
+        vec_in_dim: s.dim("vector_in.in_layer.weight", 1)?,
+        context_in_dim: s.dim("txt_in.weight", 1)?,
         hidden_size,
         mlp_hidden,
         num_heads: hidden_size / head_dim,
         head_dim,
         depth,
-        depth_single,
+        depth_single: s.count("single_blocks."),
         axes_dim: default_axes(head_dim, &set.root, opts)?,
         theta: 10_000.0,
-        qkv_bias,
-        guidance_embed: set.contains(&format!("{p}guidance_in.in_layer.weight")),
+        qkv_bias: depth == 0 || s.has("double_blocks.0.img_attn.qkv.bias"),
+        guidance_embed: s.has("guidance_in.in_layer.weight"),
     })
 }
 
 /// Reads a diffusers `transformer/config.json`. The MLP width is not in it (diffusers fixes the
 /// ratio at 4), so it is read from the first MLP weight.
 fn read_diffusers_config(config_path: &Path, set: &TensorSet) -> Result<FluxConfig> {
-    let text = std::fs::read_to_string(config_path).map_err(|source| LoadError::Io {
-        path: config_path.to_path_buf(),
-        source,
-    })?;
-    let j: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::InvalidJson {
-        path: config_path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    let err = |r: String| config_err(config_path, r);
-    let num = |k: &str| -> Result<usize> {
-        j.get(k)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| err(format!("missing or non-integer \"{k}\"")))
-    };
-    let head_dim = num("attention_head_dim")?;
-    let num_heads = num("num_attention_heads")?;
-    let in_channels = num("in_channels")?;
-    let out_channels = match j.get("out_channels") {
-        None | Some(serde_json::Value::Null) => in_channels,
-        Some(_) => num("out_channels")?,
-    };
-    let axes_dim = j
-        .get("axes_dims_rope")
-        .and_then(|v| v.as_array())
-        .and_then(|a| {
-            a.iter()
-                .map(|x| x.as_u64().map(|x| x as usize))
-                .collect::<Option<Vec<_>>>()
-        })
-        .ok_or_else(|| err("missing or malformed \"axes_dims_rope\"".into()))?;
-    let patch = j.get("patch_size").and_then(|v| v.as_u64()).unwrap_or(1);
+    let j = JsonConfig::read(config_path)?;
+    let head_dim = j.usize("attention_head_dim")?;
+    let num_heads = j.usize("num_attention_heads")?;
+    let in_channels = j.usize("in_channels")?;
+    let patch = j.usize_or("patch_size", 1)?;
     if patch != 1 {
-        return Err(err(format!(
-            "patch_size {patch} is not supported (Flux uses 1)"
-        )));
+        return Err(config_err(
+            config_path,
+            format!("patch_size {patch} is not supported (Flux uses 1)"),
+        ));
     }
-    let depth = num("num_layers")?;
-    let hidden_size = head_dim * num_heads;
-    let mlp_key = if depth > 0 {
-        "transformer_blocks.0.ff.net.0.proj.weight"
+    let depth = j.usize("num_layers")?;
+    let s = Shapes { set, prefix: "" };
+    let mlp_hidden = if depth > 0 {
+        s.dim("transformer_blocks.0.ff.net.0.proj.weight", 0)?
     } else {
-        "single_transformer_blocks.0.proj_mlp.weight"
+        s.dim("single_transformer_blocks.0.proj_mlp.weight", 0)?
     };
-    let mlp_hidden = *shape_of(set, mlp_key)?.first().unwrap_or(&0);
     Ok(FluxConfig {
         in_channels,
-        out_channels,
-        vec_in_dim: num("pooled_projection_dim")?,
-        context_in_dim: num("joint_attention_dim")?,
-        hidden_size,
+        out_channels: j.usize_or("out_channels", in_channels)?,
+        vec_in_dim: j.usize("pooled_projection_dim")?,
+        context_in_dim: j.usize("joint_attention_dim")?,
+        hidden_size: head_dim * num_heads,
         mlp_hidden,
         num_heads,
         head_dim,
         depth,
-        depth_single: num("num_single_layers")?,
-        axes_dim,
+        depth_single: j.usize("num_single_layers")?,
+        axes_dim: j.usize_list("axes_dims_rope")?,
         theta: 10_000.0,
         qkv_bias: true,
-        guidance_embed: j
-            .get("guidance_embeds")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
+        guidance_embed: j.bool_or("guidance_embeds", false),
     })
 }
 
