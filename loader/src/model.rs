@@ -101,13 +101,13 @@ impl AnyComponent {
         }
     }
 
-    /// The config, printed as Rust debug output.
+    /// The config on one line, as Rust debug output.
     pub fn config_text(&self) -> String {
         match self {
-            AnyComponent::Transformer(c) => format!("{:#?}", c.config),
-            AnyComponent::Vae(c) => format!("{:#?}", c.config),
-            AnyComponent::T5(c) => format!("{:#?}", c.config),
-            AnyComponent::Clip(c) => format!("{:#?}", c.config),
+            AnyComponent::Transformer(c) => format!("{:?}", c.config),
+            AnyComponent::Vae(c) => format!("{:?}", c.config),
+            AnyComponent::T5(c) => format!("{:?}", c.config),
+            AnyComponent::Clip(c) => format!("{:?}", c.config),
         }
     }
 }
@@ -165,11 +165,10 @@ fn kind_of(path: &Path) -> Result<&'static str> {
 }
 
 /// Opens a single component file or component folder, whatever it holds.
-pub fn open_component(path: &Path) -> Result<AnyComponent> {
+/// `opts` applies when it is a transformer.
+pub fn open_component(path: &Path, opts: &TransformerOptions) -> Result<AnyComponent> {
     Ok(match kind_of(path)? {
-        "transformer" => {
-            AnyComponent::Transformer(load_transformer(path, &TransformerOptions::default())?)
-        }
+        "transformer" => AnyComponent::Transformer(load_transformer(path, opts)?),
         "vae" => AnyComponent::Vae(load_vae(path, &VaeOptions::default())?),
         "t5" => AnyComponent::T5(load_t5(path)?),
         _ => AnyComponent::Clip(load_clip(path)?),
