@@ -49,14 +49,17 @@ impl JsonConfig {
         }
     }
 
-    pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+    pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.json.get(key) {
             None | Some(serde_json::Value::Null) => Ok(default),
             Some(v) => v
                 .as_f64()
-                .map(|v| v as f32)
                 .ok_or_else(|| config_err(&self.path, format!("\"{key}\" is not a number"))),
         }
+    }
+
+    pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
+        Ok(self.f64_or(key, default as f64)? as f32)
     }
 
     pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {

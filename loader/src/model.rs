@@ -22,6 +22,8 @@ pub struct ModelPaths {
     pub clip_tokenizer: Option<PathBuf>,
     /// T5 tokenizer folder (`tokenizer_2/`: tokenizer.json).
     pub t5_tokenizer: Option<PathBuf>,
+    /// `scheduler/scheduler_config.json` (the schedule's shift parameters).
+    pub scheduler: Option<PathBuf>,
 }
 
 fn has_safetensors(dir: &Path) -> bool {
@@ -72,6 +74,7 @@ impl ModelPaths {
             clip: dir_if(root, "text_encoder"),
             clip_tokenizer: tok("tokenizer"),
             t5_tokenizer: tok("tokenizer_2"),
+            scheduler: Some(root.join("scheduler/scheduler_config.json")).filter(|p| p.is_file()),
         };
         if paths == ModelPaths::default() {
             return Err(LoadError::UnknownLayout {
