@@ -44,9 +44,9 @@ fn main() {
 fn human_bytes(bytes: u64) -> String {
     let b = bytes as f64;
     match bytes {
-        0..=9_999 => format!("{bytes} B"),
-        10_000..=9_999_999 => format!("{:.1} kB", b / 1e3),
-        10_000_000..=9_999_999_999 => format!("{:.1} MB", b / 1e6),
+        0..=999 => format!("{bytes} B"),
+        1_000..=999_999 => format!("{:.1} kB", b / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} MB", b / 1e6),
         _ => format!("{:.2} GB", b / 1e9),
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::config::{config_err, push_layer, JsonConfig, Shapes};
 use crate::error::{LoadError, Result};
-use crate::tensors::{assemble, Component, Expect, TensorSet};
+use crate::tensors::{assemble, Component, Expect, Src, TensorSet};
 use std::path::Path;
 
 /// `CLIPTextConfig` fields the text model uses.
@@ -71,9 +71,9 @@ fn read_config(path: &Path) -> Result<ClipConfig> {
 
 /// Sizes a config-less `clip_l.safetensors`. The head count is not in the weights: CLIP text
 /// models use 64-wide heads.
-fn infer_config(set: &TensorSet) -> Result<ClipConfig> {
-    let s = Shapes { set, prefix: "" };
-    let tok = "text_model.embeddings.token_embedding.weight";
+fn infer_config(set: &TensorSet, prefix: &str) -> Result<ClipConfig> {
+    let s = Shapes { set, prefix };
+    let tok = "embeddings.token_embedding.weight";
     let hidden_size = s.dim(tok, 1)?;
     if hidden_size % 64 != 0 {
         return Err(config_err(&set.root, format!("hidden size {hidden_size} is not a multiple of CLIP's 64-wide heads; use a folder with config.json")));
@@ -81,10 +81,10 @@ fn infer_config(set: &TensorSet) -> Result<ClipConfig> {
     Ok(ClipConfig {
         vocab_size: s.dim(tok, 0)?,
         hidden_size,
-        intermediate_size: s.dim("text_model.encoder.layers.0.mlp.fc1.weight", 0)?,
+        intermediate_size: s.dim("encoder.layers.0.mlp.fc1.weight", 0)?,
         num_heads: hidden_size / 64,
-        num_layers: s.count("text_model.encoder.layers."),
-        max_positions: s.dim("text_model.embeddings.position_embedding.weight", 0)?,
+        num_layers: s.count("encoder.layers."),
+        max_positions: s.dim("embeddings.position_embedding.weight", 0)?,
         layer_norm_eps: 1e-5,
         hidden_act: "quick_gelu".into(),
         eos_token_id: 2,
@@ -94,19 +94,25 @@ fn infer_config(set: &TensorSet) -> Result<ClipConfig> {
 /// Opens the CLIP text model from a `text_encoder/` folder or `clip_l.safetensors`.
 pub fn load_clip(path: &Path) -> Result<Clip> {
     let set = TensorSet::open(path)?;
-    if !set.contains("text_model.embeddings.token_embedding.weight") {
+    // transformers 5 saves CLIPTextModel without the `text_model.` prefix; older files and
+    // ComfyUI's clip_l have it. Both map to the prefixed canonical names.
+    let stored_prefix = if set.contains("text_model.embeddings.token_embedding.weight") {
+        "text_model."
+    } else if set.contains("embeddings.token_embedding.weight") {
+        ""
+    } else {
         return Err(LoadError::UnknownLayout {
             path: path.to_path_buf(),
             reason: "not a CLIP text model: no text_model.embeddings.token_embedding.weight".into(),
         });
-    }
+    };
     let (config, layout) = if path.is_dir() && path.join("config.json").is_file() {
         (
             read_config(&path.join("config.json"))?,
             "Hugging Face folder",
         )
     } else {
-        (infer_config(&set)?, "single file")
+        (infer_config(&set, stored_prefix)?, "single file")
     };
     if config.num_heads == 0 || config.hidden_size % config.num_heads != 0 {
         return Err(config_err(
@@ -119,7 +125,17 @@ pub fn load_clip(path: &Path) -> Result<Clip> {
     }
     let expects: Vec<Expect> = expected_shapes(&config)
         .into_iter()
-        .map(|(n, s)| Expect::same(n, s))
+        .map(|(name, shape)| {
+            let stored = format!(
+                "{stored_prefix}{}",
+                name.strip_prefix("text_model.").unwrap_or(&name)
+            );
+            Expect {
+                canonical: name,
+                shape,
+                sources: vec![Src::whole(stored)],
+            }
+        })
         .collect();
     let weights = assemble(&set, "clip", layout, "", &expects)?;
     Ok(Clip { config, weights })
