@@ -2,19 +2,26 @@
 //! loader / engine, print or write the result.
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use kontext_engine::image::RgbImage;
+use kontext_engine::pipeline::{Device, Pipeline, Progress};
+use kontext_engine::request::{read_noise_file, EditOptions, NoiseSource, ResizePolicy};
 use kontext_loader::{open_component, AnyComponent, ModelPaths, TransformerOptions};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 #[derive(Parser)]
 #[command(
     name = "kontext-fast",
     version,
-    about = "FLUX.1 Kontext [dev] image editing engine"
+    about = "FLUX.1 Kontext [dev]: edit an image from a text instruction, or generate from text",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Subcommand)]
@@ -30,15 +37,219 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ResizeArg {
+    /// Snap the context image to the closest preferred Kontext resolution (about 1 MP).
+    Preferred,
+    /// Keep its size, floored to a multiple of 16.
+    None,
+}
+
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Model folder (as downloaded from black-forest-labs/FLUX.1-Kontext-dev).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Context image to edit (PNG, JPEG, WebP). Without it, generate from the prompt alone.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The instruction (edit) or description (generation).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Output image (.png, .jpg); written atomically, never over the input image.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Output width (multiple of 16; default: the context's width, or 1024).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Output height (multiple of 16; default: the context's height, or 1024).
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 28)]
+    steps: usize,
+    /// Distilled guidance (the guidance embedding's input).
+    #[arg(long, default_value_t = 2.5)]
+    guidance: f32,
+    /// Noise seed (PyTorch-compatible CPU generator); random when neither this nor --noise.
+    #[arg(long, conflicts_with = "noise")]
+    seed: Option<u64>,
+    /// Starting noise: safetensors with one f32 tensor `noise` [1, C, H/8, W/8].
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "preferred")]
+    resize: ResizeArg,
+    /// cpu (f32 reference) or cuda; default: cuda when available, else cpu.
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+    /// Print a machine-readable summary on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Inspect { path, axes_dim } => inspect(&path, &TransformerOptions { axes_dim }),
+        Some(Command::Inspect { path, axes_dim }) => {
+            inspect(&path, &TransformerOptions { axes_dim })
+        }
+        None => run(&cli.run),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn run(args: &RunArgs) -> Result<()> {
+    let Some(model) = &args.model else {
+        bail!("--model DIR is required (or use `kontext-fast inspect PATH`); see --help");
+    };
+    let Some(prompt) = &args.prompt else {
+        bail!("--prompt is required");
+    };
+    let Some(output) = &args.output else {
+        bail!("--output PATH is required (.png or .jpg)");
+    };
+    // Check the output before minutes of work, not after.
+    let ext = output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
+    if !matches!(ext.as_deref(), Some("png" | "jpg" | "jpeg")) {
+        bail!(
+            "{}: output must end in .png, .jpg or .jpeg",
+            output.display()
+        );
+    }
+    let out_dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!(
+            "{}: folder {} does not exist",
+            output.display(),
+            out_dir.display()
+        );
+    }
+    if let Some(image) = &args.image {
+        if same_file(image, output) {
+            bail!(
+                "{}: refusing to overwrite the input image; choose another --output",
+                output.display()
+            );
+        }
+    }
+    let device = match args.device {
+        Some(DeviceArg::Cuda) => Device::Cuda,
+        Some(DeviceArg::Cpu) => Device::Cpu,
+        None => {
+            eprintln!(
+                "note: this build has no CUDA backend yet; running the f32 reference on the CPU"
+            );
+            Device::Cpu
+        }
+    };
+    let context = args.image.as_deref().map(RgbImage::open).transpose()?;
+    let noise = match (&args.noise, args.seed) {
+        (Some(path), _) => {
+            let (values, dims) = read_noise_file(path)?;
+            if let (Some(w), Some(h)) = (args.width, args.height) {
+                if dims[1] * 8 != h || dims[2] * 8 != w {
+                    bail!(
+                        "{}: noise is for a {}×{} output but --width/--height ask for {w}×{h}",
+                        path.display(),
+                        dims[2] * 8,
+                        dims[1] * 8
+                    );
+                }
+            }
+            (NoiseSource::Tensor(values), Some(dims))
+        }
+        (None, Some(seed)) => (NoiseSource::Seed(seed), None),
+        (None, None) => {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 & 0xffff_ffff)
+                .unwrap_or(0);
+            (NoiseSource::Seed(seed), None)
+        }
+    };
+    let (noise, noise_dims) = noise;
+    let opts = EditOptions {
+        steps: args.steps,
+        guidance: args.guidance,
+        noise,
+        // A noise file fixes the output size.
+        width: args.width.or(noise_dims.map(|d| d[2] * 8)),
+        height: args.height.or(noise_dims.map(|d| d[1] * 8)),
+        resize: match args.resize {
+            ResizeArg::Preferred => ResizePolicy::Preferred,
+            ResizeArg::None => ResizePolicy::None,
+        },
+    };
+
+    let t0 = Instant::now();
+    let paths = ModelPaths::discover(model)?;
+    let pipeline =
+        Pipeline::load(&paths, device).with_context(|| format!("loading {}", model.display()))?;
+    let load_time = t0.elapsed();
+    let mut progress = |p: &Progress| match p {
+        Progress::EncodingText => eprintln!("encoding the prompt"),
+        Progress::EncodingImage => eprintln!("encoding the context image"),
+        Progress::Step { step, steps, took } => {
+            eprintln!("step {step:>3}/{steps}  {:>8.3} s", took.as_secs_f64())
+        }
+        Progress::Decoding => eprintln!("decoding"),
+    };
+    let out = match &context {
+        Some(img) => pipeline.edit(img, prompt, &opts, &mut progress)?,
+        None => pipeline.generate(prompt, &opts, &mut progress)?,
+    };
+    for n in &out.notes {
+        eprintln!("note: {n}");
+    }
+    out.image.save(output)?;
+    eprintln!(
+        "wrote {} ({}×{})",
+        output.display(),
+        out.image.width,
+        out.image.height
+    );
+    if args.json {
+        let mut timings = serde_json::Map::new();
+        timings.insert("load".into(), load_time.as_secs_f64().into());
+        for (k, d) in &out.timings {
+            timings.insert((*k).into(), d.as_secs_f64().into());
+        }
+        let summary = serde_json::json!({
+            "output": output,
+            "width": out.image.width,
+            "height": out.image.height,
+            "context": context.as_ref().map(|c| serde_json::json!({"width": c.width, "height": c.height})),
+            "seed": out.seed,
+            "steps": opts.steps,
+            "guidance": opts.guidance,
+            "device": "cpu",
+            "notes": out.notes,
+            "seconds": timings,
+        });
+        println!("{summary}");
+    }
+    Ok(())
 }
 
 fn human_bytes(bytes: u64) -> String {

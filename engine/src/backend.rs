@@ -1,0 +1,103 @@
+//! The op set of the Flux transformer, as one trait that the CPU reference and the CUDA backend
+//! implement.
+//!
+//! Op boundaries follow the fused GPU kernels planned for the CUDA backend (style.md, kernel
+//! families): `linear` is a GEMM with the bias in the epilogue, `norm_modulate` is LayerNorm and
+//! the adaLN modulation in one pass, `qk_norm_rope` is the attention prologue (QKNorm then RoPE on
+//! the q/k columns of a fused qkv buffer), `attention` reads q, k and v straight from that buffer,
+//! and `gate_residual` is the residual epilogue. Everything is batch 1: an activation is a
+//! row-major matrix `[rows, cols]` (tokens × features).
+
+use crate::error::Result;
+use crate::layers;
+use crate::weights::HostWeight;
+
+/// The ops one forward of the Flux transformer needs (spec 1.3 – 1.10).
+pub trait Backend {
+    /// An activation, row-major `[rows, cols]` f32 (CPU) or a device buffer (CUDA).
+    type Tensor;
+    /// A `Linear(in → out)`: weight `[out, in]` and optional bias `[out]`; computes `x·Wᵀ + b`.
+    type Linear;
+    /// A 1-D parameter such as a QKNorm scale `[head_dim]`.
+    type Vector;
+
+    /// Short name for messages and benchmark tables (`"cpu"`, `"cuda"`).
+    fn name(&self) -> &'static str;
+
+    /// Host f32 `[rows, cols]` → tensor.
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
+    /// Tensor → host f32, row-major `[rows, cols]`.
+    fn download(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// `(rows, cols)` of a tensor.
+    fn dims(&self, x: &Self::Tensor) -> (usize, usize);
+
+    /// Builds a linear layer from host weights: `weight [out, in]`, `bias [out]`.
+    fn load_linear(
+        &self,
+        key: &str,
+        weight: HostWeight,
+        bias: Option<HostWeight>,
+    ) -> Result<Self::Linear>;
+    /// Builds a 1-D parameter from host data `[n]`.
+    fn load_vector(&self, key: &str, v: HostWeight) -> Result<Self::Vector>;
+
+    /// `x [L, in] · Wᵀ + b → [L, out]` (GEMM, bias in the epilogue).
+    fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
+    /// `SiLU(x) = x·σ(x)`, elementwise, same shape.
+    fn silu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// GELU, tanh approximation, elementwise, same shape (spec 1.5).
+    fn gelu_tanh(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `a += b`, both `[rows, cols]`.
+    fn add_assign(&self, a: &mut Self::Tensor, b: &Self::Tensor) -> Result<()>;
+    /// `(1 + scale)·LN(x) + shift`: x `[L, D]`, shift and scale `[1, D]` broadcast over rows;
+    /// LN without affine, eps 1e-6, biased variance (spec 1.4, 1.5).
+    fn norm_modulate(
+        &self,
+        x: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+    ) -> Result<Self::Tensor>;
+    /// In place on the q and k parts of a fused buffer `qkv [L, W]` (q = columns `[0, H·Dh)`,
+    /// k = `[H·Dh, 2·H·Dh)`, head h at `h·Dh`, W ≥ 2·H·Dh): per head RMSNorm (eps 1e-6) times
+    /// `q_scale` / `k_scale` `[Dh]`, then RoPE on adjacent pairs `(2j, 2j+1)` with row
+    /// `pe_row0 + r` of `pe [Lpe, Dh]` (`(cos θ_j, sin θ_j)` at columns `(2j, 2j+1)`) (spec 1.5, 1.6).
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut Self::Tensor,
+        num_heads: usize,
+        q_scale: &Self::Vector,
+        k_scale: &Self::Vector,
+        pe: &Self::Tensor,
+        pe_row0: usize,
+    ) -> Result<()>;
+    /// Non-causal multi-head attention, softmax scale `1/sqrt(head_dim)`, no mask, reading q, k, v
+    /// from columns `[0, D)`, `[D, 2D)`, `[2D, 3D)` of `qkv [L, W]` (D = H·Dh, W ≥ 3D).
+    /// Output `[L, D]`, head-major features `h·Dh + d` (spec 1.7).
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        num_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self::Tensor>;
+    /// `x += gate ⊙ y`: x and y `[L, D]`, gate `[1, D]` broadcast over rows.
+    fn gate_residual(
+        &self,
+        x: &mut Self::Tensor,
+        gate: &Self::Tensor,
+        y: &Self::Tensor,
+    ) -> Result<()>;
+    /// `[a; b]` along rows: `[La, C] ‖ [Lb, C] → [La + Lb, C]`.
+    fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `[a | b]` along features: `[L, Ca] ‖ [L, Cb] → [L, Ca + Cb]`.
+    fn concat_cols(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rows `[begin, end)` of `x [L, C]` → `[end − begin, C]`.
+    fn slice_rows(&self, x: &Self::Tensor, begin: usize, end: usize) -> Result<Self::Tensor>;
+    /// Columns `[begin, end)` of `x [L, C]` → `[L, end − begin]`.
+    fn slice_cols(&self, x: &Self::Tensor, begin: usize, end: usize) -> Result<Self::Tensor>;
+
+    /// Sinusoidal embedding of one scalar `s` (t or guidance, ×1000 inside) → `[1, dim]`,
+    /// `[cos ‖ sin]` (spec 1.3). Host-side by default: it is 256 numbers per step.
+    fn timestep_embedding(&self, s: f32, dim: usize) -> Result<Self::Tensor> {
+        self.upload(&layers::timestep_embedding(s, dim), 1, dim)
+    }
+}

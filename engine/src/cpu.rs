@@ -1,0 +1,486 @@
+//! The CPU backend: the f32 reference every GPU kernel is checked against.
+//!
+//! Every op is a straightforward loop over rows or elements in f32 (reductions for LN, RMSNorm and
+//! softmax accumulate in f64), parallel over rows with rayon. Matrix products (the linears and the
+//! two products of attention) go through `matrixmultiply::sgemm`, which is threaded itself; it is
+//! only ever called from the calling thread, never from inside a rayon loop, so the two thread
+//! pools never nest.
+
+use crate::backend::Backend;
+use crate::error::{shape_err, Result};
+use crate::layers::{gelu_tanh, silu, LN_EPS, RMS_EPS};
+use crate::weights::HostWeight;
+use rayon::prelude::*;
+
+/// A row-major f32 matrix `[rows, cols]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub rows: usize,
+    pub cols: usize,
+    /// `rows · cols` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl CpuTensor {
+    /// Wraps `data` as `[rows, cols]`; errors when the length does not match.
+    pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<CpuTensor> {
+        if data.len() != rows * cols {
+            return Err(shape_err(
+                "tensor",
+                format!("{} values cannot be [{rows}, {cols}]", data.len()),
+            ));
+        }
+        Ok(CpuTensor { rows, cols, data })
+    }
+
+    /// `[rows, cols]` of zeros.
+    pub fn zeros(rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor {
+            rows,
+            cols,
+            data: vec![0.0; rows * cols],
+        }
+    }
+}
+
+/// A linear layer on the CPU: `weight [out, in]` row-major, `bias [out]`.
+#[derive(Debug, Clone)]
+pub struct CpuLinear {
+    pub out: usize,
+    pub inp: usize,
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+/// The f32 CPU reference backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CpuBackend;
+
+/// Query rows per attention block: the score matrix of one block is `ATTN_BLOCK × L` floats
+/// (9 MB at L = 8704), large enough for sgemm to run at full speed.
+const ATTN_BLOCK: usize = 512;
+
+/// `C = alpha·A·B + beta·C` for strided `A [m, k]`, `B [k, n]`, `C [m, n]` (strides in elements).
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    (a, rsa, csa): (&[f32], usize, usize),
+    (b, rsb, csb): (&[f32], usize, usize),
+    beta: f32,
+    (c, rsc, csc): (&mut [f32], usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The last element each operand's strides reach must lie inside its slice: this is what
+    // makes the unsafe call below sound. Callers check shapes first; a failure here is a bug.
+    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(reach(m, n, rsc, csc) < c.len(), "gemm: C out of bounds");
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * rsc + j * csc] *= beta;
+            }
+        }
+        return;
+    }
+    assert!(reach(m, k, rsa, csa) < a.len(), "gemm: A out of bounds");
+    assert!(reach(k, n, rsb, csb) < b.len(), "gemm: B out of bounds");
+    // SAFETY: the three asserts above bound every index sgemm computes from (m, k, n) and the
+    // strides; `c` is a unique borrow, so it aliases neither `a` nor `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        );
+    }
+}
+
+/// `x ← softmax(x)` over one row (max-subtracted, f64 sum).
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `y = x · rsqrt(mean(x²) + eps) · scale` over one head, in place.
+fn rms_norm_in_place(x: &mut [f32], scale: &[f32]) {
+    let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
+    let rrms = (1.0 / (ms + RMS_EPS as f64).sqrt()) as f32;
+    for (v, s) in x.iter_mut().zip(scale) {
+        *v = (*v * rrms) * s;
+    }
+}
+
+/// Rotates adjacent pairs `(2j, 2j+1)` of one head by `(cos θ_j, sin θ_j)` = `pe[2j], pe[2j+1]`.
+fn rope_in_place(x: &mut [f32], pe: &[f32]) {
+    for (pair, cs) in x.chunks_exact_mut(2).zip(pe.chunks_exact(2)) {
+        let (a, b) = (pair[0], pair[1]);
+        let (cos, sin) = (cs[0], cs[1]);
+        pair[0] = cos * a - sin * b;
+        pair[1] = sin * a + cos * b;
+    }
+}
+
+fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
+    CpuTensor {
+        rows: x.rows,
+        cols: x.cols,
+        data: x.data.par_iter().map(|&v| f(v)).collect(),
+    }
+}
+
+fn check_row_vector(op: &'static str, what: &str, v: &CpuTensor, cols: usize) -> Result<()> {
+    if v.rows != 1 || v.cols != cols {
+        return Err(shape_err(
+            op,
+            format!("{what} is [{}, {}], expected [1, {cols}]", v.rows, v.cols),
+        ));
+    }
+    Ok(())
+}
+
+fn check_same(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
+    if (a.rows, a.cols) != (b.rows, b.cols) {
+        return Err(shape_err(
+            op,
+            format!(
+                "operands [{}, {}] and [{}, {}] differ",
+                a.rows, a.cols, b.rows, b.cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Linear = CpuLinear;
+    type Vector = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
+        CpuTensor::new(rows, cols, data.to_vec())
+    }
+
+    fn download(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+
+    fn dims(&self, x: &CpuTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn load_linear(
+        &self,
+        key: &str,
+        weight: HostWeight,
+        bias: Option<HostWeight>,
+    ) -> Result<CpuLinear> {
+        let [out, inp] = weight.shape[..] else {
+            return Err(shape_err(
+                "load_linear",
+                format!("{key}: weight shape {:?} is not 2-D", weight.shape),
+            ));
+        };
+        weight.expect_shape(key, &[out, inp])?;
+        if let Some(b) = &bias {
+            b.expect_shape(&format!("{key} (bias)"), &[out])?;
+        }
+        Ok(CpuLinear {
+            out,
+            inp,
+            weight: weight.data,
+            bias: bias.map(|b| b.data),
+        })
+    }
+
+    fn load_vector(&self, key: &str, v: HostWeight) -> Result<Vec<f32>> {
+        v.expect_shape(key, &[v.data.len()])?;
+        Ok(v.data)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> Result<CpuTensor> {
+        if x.cols != w.inp {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "x [{}, {}] but weight [{}, {}]",
+                    x.rows, x.cols, w.out, w.inp
+                ),
+            ));
+        }
+        let mut y = CpuTensor::zeros(x.rows, w.out);
+        let beta = match &w.bias {
+            Some(b) if w.out > 0 => {
+                y.data
+                    .chunks_exact_mut(w.out)
+                    .for_each(|r| r.copy_from_slice(b));
+                1.0
+            }
+            _ => 0.0,
+        };
+        // y [L, out] = x [L, in] · Wᵀ, Wᵀ read from W [out, in] with strides (1, in).
+        gemm(
+            (x.rows, w.inp, w.out),
+            1.0,
+            (&x.data, w.inp, 1),
+            (&w.weight, 1, w.inp),
+            beta,
+            (&mut y.data, w.out, 1),
+        );
+        Ok(y)
+    }
+
+    fn silu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(map(x, silu))
+    }
+
+    fn gelu_tanh(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(map(x, gelu_tanh))
+    }
+
+    fn add_assign(&self, a: &mut CpuTensor, b: &CpuTensor) -> Result<()> {
+        check_same("add_assign", a, b)?;
+        a.data
+            .par_iter_mut()
+            .zip(b.data.par_iter())
+            .for_each(|(a, b)| *a += b);
+        Ok(())
+    }
+
+    fn norm_modulate(
+        &self,
+        x: &CpuTensor,
+        shift: &CpuTensor,
+        scale: &CpuTensor,
+    ) -> Result<CpuTensor> {
+        check_row_vector("norm_modulate", "shift", shift, x.cols)?;
+        check_row_vector("norm_modulate", "scale", scale, x.cols)?;
+        let mut y = CpuTensor::zeros(x.rows, x.cols);
+        if x.cols == 0 {
+            return Ok(y);
+        }
+        let d = x.cols as f64;
+        y.data
+            .par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks(x.cols))
+            .for_each(|(y, x)| {
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d;
+                let rstd = 1.0 / (var + LN_EPS as f64).sqrt();
+                for i in 0..x.len() {
+                    let ln = ((x[i] as f64 - mean) * rstd) as f32;
+                    y[i] = (1.0 + scale.data[i]) * ln + shift.data[i];
+                }
+            });
+        Ok(y)
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut CpuTensor,
+        num_heads: usize,
+        q_scale: &Vec<f32>,
+        k_scale: &Vec<f32>,
+        pe: &CpuTensor,
+        pe_row0: usize,
+    ) -> Result<()> {
+        let hd = q_scale.len();
+        let d = num_heads * hd;
+        if hd == 0 || hd % 2 != 0 || k_scale.len() != hd {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "q scale [{hd}] and k scale [{}] must have one even head dim",
+                    k_scale.len()
+                ),
+            ));
+        }
+        if qkv.cols < 2 * d {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "qkv [{}, {}] is narrower than q and k of {num_heads} heads × {hd} = {}",
+                    qkv.rows,
+                    qkv.cols,
+                    2 * d
+                ),
+            ));
+        }
+        if pe.cols != hd || pe_row0 + qkv.rows > pe.rows {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "pe [{}, {}] has no rows [{pe_row0}, {}) of width {hd}",
+                    pe.rows,
+                    pe.cols,
+                    pe_row0 + qkv.rows
+                ),
+            ));
+        }
+        let pe_rows = &pe.data[pe_row0 * hd..(pe_row0 + qkv.rows) * hd];
+        qkv.data
+            .par_chunks_mut(qkv.cols)
+            .zip(pe_rows.par_chunks(hd))
+            .for_each(|(row, pe)| {
+                for (part, scale) in [(0, q_scale), (1, k_scale)] {
+                    for h in 0..num_heads {
+                        let x = &mut row[part * d + h * hd..][..hd];
+                        rms_norm_in_place(x, scale);
+                        rope_in_place(x, pe);
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    fn attention(&self, qkv: &CpuTensor, num_heads: usize, head_dim: usize) -> Result<CpuTensor> {
+        let (l, w, hd) = (qkv.rows, qkv.cols, head_dim);
+        let d = num_heads * hd;
+        if hd == 0 || w < 3 * d {
+            return Err(shape_err(
+                "attention",
+                format!(
+                    "qkv [{l}, {w}] cannot hold q, k, v of {num_heads} heads × {hd} (needs {} columns)",
+                    3 * d
+                ),
+            ));
+        }
+        let mut out = CpuTensor::zeros(l, d);
+        if l == 0 {
+            return Ok(out);
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut s = vec![0.0f32; ATTN_BLOCK.min(l) * l];
+        for h in 0..num_heads {
+            let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+            for q0 in (0..l).step_by(ATTN_BLOCK) {
+                let bq = ATTN_BLOCK.min(l - q0);
+                let s = &mut s[..bq * l];
+                // S = scale · Q_blk · K_hᵀ   [bq, L]
+                gemm(
+                    (bq, hd, l),
+                    scale,
+                    (&qkv.data[q0 * w + q..], w, 1),
+                    (&qkv.data[k..], 1, w),
+                    0.0,
+                    (s, l, 1),
+                );
+                s.par_chunks_mut(l).for_each(softmax_in_place);
+                // O_blk = P · V_h   [bq, Dh] → out rows q0.., columns h·Dh..
+                gemm(
+                    (bq, l, hd),
+                    1.0,
+                    (s, l, 1),
+                    (&qkv.data[v..], w, 1),
+                    0.0,
+                    (&mut out.data[q0 * d + h * hd..], d, 1),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn gate_residual(&self, x: &mut CpuTensor, gate: &CpuTensor, y: &CpuTensor) -> Result<()> {
+        check_same("gate_residual", x, y)?;
+        check_row_vector("gate_residual", "gate", gate, x.cols)?;
+        if x.cols == 0 {
+            return Ok(());
+        }
+        x.data
+            .par_chunks_mut(x.cols)
+            .zip(y.data.par_chunks(y.cols))
+            .for_each(|(x, y)| {
+                for i in 0..x.len() {
+                    x[i] += gate.data[i] * y[i];
+                }
+            });
+        Ok(())
+    }
+
+    fn concat_rows(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        if a.cols != b.cols {
+            return Err(shape_err(
+                "concat_rows",
+                format!(
+                    "[{}, {}] and [{}, {}] differ in width",
+                    a.rows, a.cols, b.rows, b.cols
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(a.data.len() + b.data.len());
+        data.extend_from_slice(&a.data);
+        data.extend_from_slice(&b.data);
+        CpuTensor::new(a.rows + b.rows, a.cols, data)
+    }
+
+    fn concat_cols(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
+        if a.rows != b.rows {
+            return Err(shape_err(
+                "concat_cols",
+                format!(
+                    "[{}, {}] and [{}, {}] differ in rows",
+                    a.rows, a.cols, b.rows, b.cols
+                ),
+            ));
+        }
+        let mut data = Vec::with_capacity(a.data.len() + b.data.len());
+        for r in 0..a.rows {
+            data.extend_from_slice(&a.data[r * a.cols..(r + 1) * a.cols]);
+            data.extend_from_slice(&b.data[r * b.cols..(r + 1) * b.cols]);
+        }
+        CpuTensor::new(a.rows, a.cols + b.cols, data)
+    }
+
+    fn slice_rows(&self, x: &CpuTensor, begin: usize, end: usize) -> Result<CpuTensor> {
+        if begin > end || end > x.rows {
+            return Err(shape_err(
+                "slice_rows",
+                format!("rows [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
+            ));
+        }
+        CpuTensor::new(
+            end - begin,
+            x.cols,
+            x.data[begin * x.cols..end * x.cols].to_vec(),
+        )
+    }
+
+    fn slice_cols(&self, x: &CpuTensor, begin: usize, end: usize) -> Result<CpuTensor> {
+        if begin > end || end > x.cols {
+            return Err(shape_err(
+                "slice_cols",
+                format!("columns [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
+            ));
+        }
+        let mut data = Vec::with_capacity(x.rows * (end - begin));
+        for r in 0..x.rows {
+            data.extend_from_slice(&x.data[r * x.cols + begin..r * x.cols + end]);
+        }
+        CpuTensor::new(x.rows, end - begin, data)
+    }
+}

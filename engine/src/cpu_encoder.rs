@@ -1,0 +1,514 @@
+//! The CPU reference of [`EncoderBackend`]: the autoencoder's and the text encoders' ops in f32.
+//!
+//! Same rules as [`crate::cpu`]: plain loops in f32 with f64 reductions (norm statistics, softmax
+//! sums), rayon over rows or pixels, and `matrixmultiply::sgemm` (threaded itself) called only
+//! from the calling thread, never inside a rayon loop.
+//!
+//! Convolution is im2col + GEMM over `[H·W, C]` maps: for a band of output rows, gather each output
+//! pixel's `kh·kw` input pixels (each a contiguous `Cin` slice, zeros outside the padded border)
+//! into a column matrix `[pixels, kh·kw·Cin]`, then multiply by the weight reordered to
+//! `[Cout, kh·kw·Cin]`. Why this form: it is obviously right (the gather is the definition of the
+//! convolution's index arithmetic, the product is one sgemm), it runs at sgemm speed on the CPU,
+//! and it is the same decomposition the CUDA `conv` kernel uses as an *implicit* GEMM — there the
+//! gather happens while loading the A tile into shared memory, so the `kh·kw`-times larger column
+//! matrix never exists and the tensor cores see one GEMM with `K = 9·Cin` (1152 – 4608 for the
+//! Flux autoencoder, deep enough to run near peak). A direct convolution kernel would only win
+//! for the 3-channel `conv_in` / `conv_out`, which are < 1 % of the autoencoder's FLOPs. On the
+//! CPU the band keeps the column matrix ≤ 32 MB (the decoder's last level at 1024² would need
+//! 4.6 GB at once).
+
+use crate::cpu::{CpuBackend, CpuTensor};
+use crate::encoder_backend::{conv_out_hw, EncoderBackend, Pad};
+use crate::error::{shape_err, Result};
+use crate::layers::{gelu_tanh, silu};
+use crate::weights::HostWeight;
+use rayon::prelude::*;
+
+/// A convolution on the CPU. The weight is reordered at load to `[Cout, kh·kw·Cin]` with the
+/// reduction index `(ky·kw + kx)·Cin + ci`, matching the im2col columns.
+#[derive(Debug, Clone)]
+pub struct CpuConv {
+    /// Output channels.
+    pub cout: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Kernel height.
+    pub kh: usize,
+    /// Kernel width.
+    pub kw: usize,
+    /// `[Cout, kh·kw·Cin]` row-major.
+    pub weight: Vec<f32>,
+    /// `[Cout]`.
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Largest im2col band, in floats (32 MB).
+const COL_BAND_FLOATS: usize = 1 << 23;
+/// Query rows per attention block (as in [`crate::cpu`]).
+const ATTN_BLOCK: usize = 256;
+
+/// `C = alpha·A·B + beta·C` for strided `A [m, k]`, `B [k, n]`, `C [m, n]` (strides in elements).
+/// The same contract as `cpu::gemm`, which is private to that file.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    (a, rsa, csa): (&[f32], usize, usize),
+    (b, rsb, csb): (&[f32], usize, usize),
+    beta: f32,
+    (c, rsc, csc): (&mut [f32], usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(reach(m, n, rsc, csc) < c.len(), "gemm: C out of bounds");
+    if k == 0 {
+        for i in 0..m {
+            for j in 0..n {
+                c[i * rsc + j * csc] *= beta;
+            }
+        }
+        return;
+    }
+    assert!(reach(m, k, rsa, csa) < a.len(), "gemm: A out of bounds");
+    assert!(reach(k, n, rsb, csb) < b.len(), "gemm: B out of bounds");
+    // SAFETY: the three asserts above bound every index sgemm computes from (m, k, n) and the
+    // strides; `c` is a unique borrow, so it aliases neither `a` nor `b`.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        );
+    }
+}
+
+/// `x ← softmax(x)` over one row (max-subtracted, f64 sum); `−∞` entries become 0.
+fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
+    CpuTensor {
+        rows: x.rows,
+        cols: x.cols,
+        data: x.data.par_iter().map(|&v| f(v)).collect(),
+    }
+}
+
+fn check_vector(op: &'static str, what: &str, v: &[f32], n: usize) -> Result<()> {
+    if v.len() != n {
+        return Err(shape_err(
+            op,
+            format!("{what} has {} values for {n} channels", v.len()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_map(op: &'static str, x: &CpuTensor, (h, w): (usize, usize)) -> Result<()> {
+    if x.rows != h * w {
+        return Err(shape_err(
+            op,
+            format!("x [{}, {}] is not a {h}×{w} map", x.rows, x.cols),
+        ));
+    }
+    Ok(())
+}
+
+/// Fills `col [pixels, kh·kw·Cin]` for output rows `oy0 .. oy0 + col.len()/(Wo·K)`.
+#[allow(clippy::too_many_arguments)]
+fn im2col_band(
+    x: &[f32],
+    (h, w, cin): (usize, usize, usize),
+    (kh, kw): (usize, usize),
+    stride: usize,
+    pad: Pad,
+    wo: usize,
+    oy0: usize,
+    col: &mut [f32],
+) {
+    let k = kh * kw * cin;
+    col.par_chunks_mut(k).enumerate().for_each(|(p, row)| {
+        let (oy, ox) = (oy0 + p / wo, p % wo);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let dst = &mut row[(ky * kw + kx) * cin..][..cin];
+                // Input coordinates in the padded frame, then shifted back by the padding.
+                let (py, px) = (oy * stride + ky, ox * stride + kx);
+                let inside =
+                    py >= pad.top && py - pad.top < h && px >= pad.left && px - pad.left < w;
+                if inside {
+                    let src = ((py - pad.top) * w + (px - pad.left)) * cin;
+                    dst.copy_from_slice(&x[src..src + cin]);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+        }
+    });
+}
+
+impl EncoderBackend for CpuBackend {
+    type Conv = CpuConv;
+
+    fn load_conv(
+        &self,
+        key: &str,
+        weight: HostWeight,
+        bias: Option<HostWeight>,
+    ) -> Result<CpuConv> {
+        let [cout, cin, kh, kw] = weight.shape[..] else {
+            return Err(shape_err(
+                "load_conv",
+                format!(
+                    "{key}: weight shape {:?} is not [Cout, Cin, kh, kw]",
+                    weight.shape
+                ),
+            ));
+        };
+        weight.expect_shape(key, &[cout, cin, kh, kw])?;
+        if let Some(b) = &bias {
+            b.expect_shape(&format!("{key} (bias)"), &[cout])?;
+        }
+        // [Cout, Cin, kh, kw] → [Cout, kh, kw, Cin]
+        let mut w = vec![0f32; weight.data.len()];
+        for o in 0..cout {
+            for i in 0..cin {
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        w[((o * kh + ky) * kw + kx) * cin + i] =
+                            weight.data[((o * cin + i) * kh + ky) * kw + kx];
+                    }
+                }
+            }
+        }
+        Ok(CpuConv {
+            cout,
+            cin,
+            kh,
+            kw,
+            weight: w,
+            bias: bias.map(|b| b.data),
+        })
+    }
+
+    fn conv_dims(&self, c: &CpuConv) -> (usize, usize, usize, usize) {
+        (c.cout, c.cin, c.kh, c.kw)
+    }
+
+    fn conv2d(
+        &self,
+        x: &CpuTensor,
+        (h, w): (usize, usize),
+        conv: &CpuConv,
+        stride: usize,
+        pad: Pad,
+    ) -> Result<(CpuTensor, (usize, usize))> {
+        check_map("conv2d", x, (h, w))?;
+        if x.cols != conv.cin {
+            return Err(shape_err(
+                "conv2d",
+                format!(
+                    "x has {} channels, weight [{}, {}, {}, {}]",
+                    x.cols, conv.cout, conv.cin, conv.kh, conv.kw
+                ),
+            ));
+        }
+        let Some((ho, wo)) = conv_out_hw((h, w), (conv.kh, conv.kw), stride, pad) else {
+            return Err(shape_err(
+                "conv2d",
+                format!(
+                    "a {}×{} kernel with stride {stride} and padding {pad:?} does not fit a {h}×{w} map",
+                    conv.kh, conv.kw
+                ),
+            ));
+        };
+        let (k, n) = (conv.kh * conv.kw * conv.cin, conv.cout);
+        let mut y = CpuTensor::zeros(ho * wo, n);
+        if let Some(b) = &conv.bias {
+            y.data
+                .par_chunks_mut(n.max(1))
+                .for_each(|r| r.copy_from_slice(b));
+        }
+        let beta = if conv.bias.is_some() { 1.0 } else { 0.0 };
+        if ho * wo == 0 || n == 0 {
+            return Ok((y, (ho, wo)));
+        }
+        let band_rows = (COL_BAND_FLOATS / (wo * k).max(1)).clamp(1, ho);
+        let mut col = vec![0f32; band_rows * wo * k];
+        for oy0 in (0..ho).step_by(band_rows) {
+            let rows = band_rows.min(ho - oy0);
+            let pixels = rows * wo;
+            let col = &mut col[..pixels * k];
+            im2col_band(
+                &x.data,
+                (h, w, conv.cin),
+                (conv.kh, conv.kw),
+                stride,
+                pad,
+                wo,
+                oy0,
+                col,
+            );
+            // y[band] [pixels, Cout] (+)= col [pixels, K] · Wᵀ, Wᵀ read from W [Cout, K].
+            gemm(
+                (pixels, k, n),
+                1.0,
+                (col, k, 1),
+                (&conv.weight, 1, k),
+                beta,
+                (&mut y.data[oy0 * wo * n..], n, 1),
+            );
+        }
+        Ok((y, (ho, wo)))
+    }
+
+    fn group_norm(
+        &self,
+        x: &CpuTensor,
+        groups: usize,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        eps: f32,
+        act: bool,
+    ) -> Result<CpuTensor> {
+        let c = x.cols;
+        if groups == 0 || c % groups != 0 {
+            return Err(shape_err(
+                "group_norm",
+                format!("{c} channels cannot be split into {groups} groups"),
+            ));
+        }
+        check_vector("group_norm", "weight", weight, c)?;
+        check_vector("group_norm", "bias", bias, c)?;
+        let mut y = CpuTensor::zeros(x.rows, c);
+        if x.rows == 0 || c == 0 {
+            return Ok(y);
+        }
+        let cg = c / groups;
+        let count = (x.rows * cg) as f64;
+        // Two passes per group in f64: the mean, then the mean squared deviation.
+        let stats: Vec<(f32, f32)> = (0..groups)
+            .into_par_iter()
+            .map(|g| {
+                let vals = || {
+                    x.data
+                        .chunks_exact(c)
+                        .flat_map(|r| &r[g * cg..(g + 1) * cg])
+                };
+                let mean = vals().map(|&v| v as f64).sum::<f64>() / count;
+                let var = vals().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
+                (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+            })
+            .collect();
+        y.data
+            .par_chunks_mut(c)
+            .zip(x.data.par_chunks(c))
+            .for_each(|(y, x)| {
+                for i in 0..c {
+                    let (mean, rstd) = stats[i / cg];
+                    let v = (x[i] - mean) * rstd * weight[i] + bias[i];
+                    y[i] = if act { silu(v) } else { v };
+                }
+            });
+        Ok(y)
+    }
+
+    fn upsample_nearest2x(&self, x: &CpuTensor, (h, w): (usize, usize)) -> Result<CpuTensor> {
+        check_map("upsample_nearest2x", x, (h, w))?;
+        let c = x.cols;
+        let mut y = CpuTensor::zeros(4 * h * w, c);
+        if c == 0 {
+            return Ok(y);
+        }
+        y.data.par_chunks_mut(c).enumerate().for_each(|(p, dst)| {
+            let (oy, ox) = (p / (2 * w), p % (2 * w));
+            let src = ((oy / 2) * w + ox / 2) * c;
+            dst.copy_from_slice(&x.data[src..src + c]);
+        });
+        Ok(y)
+    }
+
+    fn layer_norm(
+        &self,
+        x: &CpuTensor,
+        weight: &Vec<f32>,
+        bias: &Vec<f32>,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let d = x.cols;
+        check_vector("layer_norm", "weight", weight, d)?;
+        check_vector("layer_norm", "bias", bias, d)?;
+        let mut y = CpuTensor::zeros(x.rows, d);
+        if d == 0 {
+            return Ok(y);
+        }
+        y.data
+            .par_chunks_mut(d)
+            .zip(x.data.par_chunks(d))
+            .for_each(|(y, x)| {
+                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+                let rstd = 1.0 / (var + eps as f64).sqrt();
+                for i in 0..d {
+                    y[i] = ((x[i] as f64 - mean) * rstd) as f32 * weight[i] + bias[i];
+                }
+            });
+        Ok(y)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &Vec<f32>, eps: f32) -> Result<CpuTensor> {
+        let d = x.cols;
+        check_vector("rms_norm", "weight", weight, d)?;
+        let mut y = CpuTensor::zeros(x.rows, d);
+        if d == 0 {
+            return Ok(y);
+        }
+        y.data
+            .par_chunks_mut(d)
+            .zip(x.data.par_chunks(d))
+            .for_each(|(y, x)| {
+                let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
+                let rrms = (1.0 / (ms + eps as f64).sqrt()) as f32;
+                for i in 0..d {
+                    y[i] = weight[i] * (x[i] * rrms);
+                }
+            });
+        Ok(y)
+    }
+
+    fn attention_masked(
+        &self,
+        qkv: &CpuTensor,
+        num_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        bias: Option<&CpuTensor>,
+        causal: bool,
+    ) -> Result<CpuTensor> {
+        let (l, w, hd) = (qkv.rows, qkv.cols, head_dim);
+        let d = num_heads * hd;
+        if hd == 0 || w < 3 * d {
+            return Err(shape_err(
+                "attention_masked",
+                format!(
+                    "qkv [{l}, {w}] cannot hold q, k, v of {num_heads} heads × {hd} (needs {} columns)",
+                    3 * d
+                ),
+            ));
+        }
+        if let Some(b) = bias {
+            if (b.rows, b.cols) != (num_heads * l, l) {
+                return Err(shape_err(
+                    "attention_masked",
+                    format!(
+                        "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
+                        b.rows,
+                        b.cols,
+                        num_heads * l
+                    ),
+                ));
+            }
+        }
+        let mut out = CpuTensor::zeros(l, d);
+        if l == 0 {
+            return Ok(out);
+        }
+        let mut s = vec![0.0f32; ATTN_BLOCK.min(l) * l];
+        for h in 0..num_heads {
+            let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+            for q0 in (0..l).step_by(ATTN_BLOCK) {
+                let bq = ATTN_BLOCK.min(l - q0);
+                let s = &mut s[..bq * l];
+                // S = scale · Q_blk · K_hᵀ   [bq, L]
+                gemm(
+                    (bq, hd, l),
+                    scale,
+                    (&qkv.data[q0 * w + q..], w, 1),
+                    (&qkv.data[k..], 1, w),
+                    0.0,
+                    (s, l, 1),
+                );
+                s.par_chunks_mut(l).enumerate().for_each(|(r, row)| {
+                    let i = q0 + r;
+                    if let Some(b) = bias {
+                        let brow = &b.data[(h * l + i) * l..][..l];
+                        row.iter_mut().zip(brow).for_each(|(v, b)| *v += b);
+                    }
+                    if causal {
+                        row[i + 1..].fill(f32::NEG_INFINITY);
+                    }
+                    softmax_in_place(row);
+                });
+                // O_blk = P · V_h   [bq, Dh]
+                gemm(
+                    (bq, l, hd),
+                    1.0,
+                    (s, l, 1),
+                    (&qkv.data[v..], w, 1),
+                    0.0,
+                    (&mut out.data[q0 * d + h * hd..], d, 1),
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn gelu_tanh_gate(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        if x.cols % 2 != 0 {
+            return Err(shape_err(
+                "gelu_tanh_gate",
+                format!("x [{}, {}] is not [L, 2F]", x.rows, x.cols),
+            ));
+        }
+        let f = x.cols / 2;
+        let mut y = CpuTensor::zeros(x.rows, f);
+        if f == 0 {
+            return Ok(y);
+        }
+        y.data
+            .par_chunks_mut(f)
+            .zip(x.data.par_chunks(2 * f))
+            .for_each(|(y, x)| {
+                for i in 0..f {
+                    y[i] = gelu_tanh(x[i]) * x[f + i];
+                }
+            });
+        Ok(y)
+    }
+
+    fn quick_gelu(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(map(x, quick_gelu))
+    }
+
+    fn affine(&self, x: &CpuTensor, mul: f32, add: f32) -> Result<CpuTensor> {
+        Ok(map(x, |v| v * mul + add))
+    }
+}
+
+/// `quick_gelu(x) = x·σ(1.702·x)` (CLIP's activation).
+pub fn quick_gelu(x: f32) -> f32 {
+    x / (1.0 + (-1.702 * x).exp())
+}

@@ -1,0 +1,251 @@
+//! `Flux`: the whole transformer, in the order of BFL's `model.py` (spec 1.11).
+
+use crate::backend::Backend;
+use crate::error::{EngineError, Result};
+use crate::layers::{
+    load_linear, BlockDims, DoubleStreamBlock, EmbedNd, LastLayer, MlpEmbedder, SingleStreamBlock,
+    TIME_EMBED_DIM,
+};
+use crate::weights::WeightSource;
+use kontext_loader::{FluxConfig, Transformer};
+
+/// Called with each stage's name and its values (row-major): `vec` `[1, D]`, `img_in` `[Ni, D]`,
+/// `txt_in` `[Lt, D]`, `double_blocks.{i}.img` `[Ni, D]`, `double_blocks.{i}.txt` `[Lt, D]`,
+/// `single_blocks.{i}` `[Lt + Ni, D]` (text first), `output` `[Ni, out]`.
+pub type StageHook<'a> = &'a mut dyn FnMut(&str, &[f32]);
+
+/// One forward's inputs on the host (batch 1). `Ni = Nx + Nc`: target rows, then context rows.
+#[derive(Debug, Clone, Copy)]
+pub struct FluxInputs<'a> {
+    /// Packed image tokens `[Ni, in_channels]`.
+    pub img: &'a [f32],
+    /// Position ids `[Ni, 3]` (spec 2.3).
+    pub img_ids: &'a [f32],
+    /// T5 hidden states `[Lt, context_in_dim]`.
+    pub txt: &'a [f32],
+    /// Text position ids `[Lt, 3]` (zeros).
+    pub txt_ids: &'a [f32],
+    /// Timestep in `[0, 1]` (1 = noise); ×1000 inside the embedding.
+    pub t: f32,
+    /// Raw guidance (e.g. 2.5); ×1000 inside the embedding. Ignored without `guidance_in`.
+    pub guidance: f32,
+    /// Pooled CLIP vector `[vec_in_dim]`.
+    pub y: &'a [f32],
+}
+
+/// The Flux (Kontext) transformer on backend `B`.
+pub struct Flux<B: Backend> {
+    pub backend: B,
+    pub config: FluxConfig,
+    pub pe_embedder: EmbedNd,
+    pub img_in: B::Linear,
+    pub time_in: MlpEmbedder<B>,
+    pub vector_in: MlpEmbedder<B>,
+    pub guidance_in: Option<MlpEmbedder<B>>,
+    pub txt_in: B::Linear,
+    pub double_blocks: Vec<DoubleStreamBlock<B>>,
+    pub single_blocks: Vec<SingleStreamBlock<B>>,
+    pub final_layer: LastLayer<B>,
+}
+
+fn observe<B: Backend>(
+    b: &B,
+    hook: &mut Option<StageHook<'_>>,
+    name: impl FnOnce() -> String,
+    x: &B::Tensor,
+) -> Result<()> {
+    if let Some(h) = hook.as_mut() {
+        let data = b.download(x)?;
+        h(&name(), &data);
+    }
+    Ok(())
+}
+
+fn check_len(
+    name: &'static str,
+    data: &[f32],
+    rows: usize,
+    cols: usize,
+    shape: String,
+) -> Result<()> {
+    if data.len() != rows * cols {
+        return Err(EngineError::Input {
+            name,
+            len: data.len(),
+            expected: rows * cols,
+            shape,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `cfg` describes a runnable model.
+fn validate(cfg: &FluxConfig) -> Result<()> {
+    let err = |m: String| Err(EngineError::Config(m));
+    if cfg.num_heads == 0 || cfg.head_dim == 0 || cfg.num_heads * cfg.head_dim != cfg.hidden_size {
+        return err(format!(
+            "hidden size {} is not heads {} × head dim {}",
+            cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        ));
+    }
+    let axes_sum: usize = cfg.axes_dim.iter().sum();
+    if cfg.axes_dim.len() != 3
+        || axes_sum != cfg.head_dim
+        || cfg.axes_dim.iter().any(|a| a % 2 != 0)
+    {
+        return err(format!(
+            "RoPE axes {:?} must be 3 even dims summing to the head dim {}",
+            cfg.axes_dim, cfg.head_dim
+        ));
+    }
+    Ok(())
+}
+
+impl<B: Backend> Flux<B> {
+    /// Builds the model for `config` from canonical (BFL-named) weights.
+    pub fn load(backend: B, config: FluxConfig, src: &dyn WeightSource) -> Result<Self> {
+        validate(&config)?;
+        let c = &config;
+        let b = &backend;
+        let d = c.hidden_size;
+        let dims = BlockDims {
+            hidden: d,
+            num_heads: c.num_heads,
+            head_dim: c.head_dim,
+            mlp_hidden: c.mlp_hidden,
+        };
+        let guidance_in = if c.guidance_embed {
+            Some(MlpEmbedder::load(b, src, "guidance_in", TIME_EMBED_DIM, d)?)
+        } else {
+            None
+        };
+        Ok(Flux {
+            pe_embedder: EmbedNd {
+                theta: c.theta,
+                axes_dim: c.axes_dim.clone(),
+            },
+            img_in: load_linear(b, src, "img_in", d, c.in_channels, true)?,
+            time_in: MlpEmbedder::load(b, src, "time_in", TIME_EMBED_DIM, d)?,
+            vector_in: MlpEmbedder::load(b, src, "vector_in", c.vec_in_dim, d)?,
+            guidance_in,
+            txt_in: load_linear(b, src, "txt_in", d, c.context_in_dim, true)?,
+            double_blocks: (0..c.depth)
+                .map(|i| DoubleStreamBlock::load(b, src, i, dims, c.qkv_bias))
+                .collect::<Result<_>>()?,
+            single_blocks: (0..c.depth_single)
+                .map(|i| SingleStreamBlock::load(b, src, i, dims))
+                .collect::<Result<_>>()?,
+            final_layer: LastLayer::load(b, src, d, c.out_channels)?,
+            config,
+            backend,
+        })
+    }
+
+    /// Builds the model from a checkpoint opened by the loader (fp8 weights dequantised to f32).
+    pub fn from_transformer(backend: B, t: &Transformer) -> Result<Self> {
+        Flux::load(backend, t.config.clone(), &t.weights)
+    }
+
+    /// `vec = time_in(temb(t)) + guidance_in(temb(g)) + vector_in(y)`; `y [1, vec_in]` → `[1, D]`.
+    pub fn embed_vec(&self, t: f32, guidance: f32, y: &B::Tensor) -> Result<B::Tensor> {
+        let b = &self.backend;
+        let mut vec = self
+            .time_in
+            .forward(b, &b.timestep_embedding(t, TIME_EMBED_DIM)?)?; // [1, D]
+        if let Some(g) = &self.guidance_in {
+            let gv = g.forward(b, &b.timestep_embedding(guidance, TIME_EMBED_DIM)?)?; // [1, D]
+            b.add_assign(&mut vec, &gv)?;
+        }
+        let yv = self.vector_in.forward(b, y)?; // [1, D]
+        b.add_assign(&mut vec, &yv)?; // [1, D]
+        Ok(vec)
+    }
+
+    /// RoPE table of the joint sequence `[text ‖ image]`: ids `[Lt, 3]`, `[Ni, 3]` → `[Lt + Ni, Dh]`.
+    pub fn pe(&self, txt_ids: &[f32], img_ids: &[f32]) -> Result<B::Tensor> {
+        let ids = [txt_ids, img_ids].concat(); // [L, 3]
+        let pe = self.pe_embedder.forward(&ids)?; // [L, Dh]
+        let hd = self.config.head_dim;
+        self.backend.upload(&pe, pe.len() / hd, hd)
+    }
+
+    /// The transformer body on embedded inputs: raw `img [Ni, in]`, raw `txt [Lt, ctx]`,
+    /// `vec [1, D]`, `pe [Lt + Ni, Dh]` → `[Ni, out]`. Calls `hook` after each stage.
+    pub fn forward_embedded(
+        &self,
+        img: &B::Tensor,
+        txt: &B::Tensor,
+        vec: &B::Tensor,
+        pe: &B::Tensor,
+        mut hook: Option<StageHook<'_>>,
+    ) -> Result<B::Tensor> {
+        let b = &self.backend;
+        let (lt, ni) = (b.dims(txt).0, b.dims(img).0);
+        if b.dims(pe).0 != lt + ni {
+            return Err(EngineError::Shape {
+                op: "Flux::forward",
+                detail: format!("pe has {} rows for Lt {lt} + Ni {ni} tokens", b.dims(pe).0),
+            });
+        }
+        let mut img = b.linear(img, &self.img_in)?; // [Ni, D]
+        observe(b, &mut hook, || "img_in".into(), &img)?;
+        let mut txt = b.linear(txt, &self.txt_in)?; // [Lt, D]
+        observe(b, &mut hook, || "txt_in".into(), &txt)?;
+
+        for (i, block) in self.double_blocks.iter().enumerate() {
+            (img, txt) = block.forward(b, img, txt, vec, pe)?; // [Ni, D], [Lt, D]
+            observe(b, &mut hook, || format!("double_blocks.{i}.img"), &img)?;
+            observe(b, &mut hook, || format!("double_blocks.{i}.txt"), &txt)?;
+        }
+
+        let mut x = b.concat_rows(&txt, &img)?; // [L, D], text first
+        for (i, block) in self.single_blocks.iter().enumerate() {
+            x = block.forward(b, x, vec, pe)?; // [L, D]
+            observe(b, &mut hook, || format!("single_blocks.{i}"), &x)?;
+        }
+        let img = b.slice_rows(&x, lt, lt + ni)?; // [Ni, D]
+
+        let out = self.final_layer.forward(b, &img, vec)?; // [Ni, out]
+        observe(b, &mut hook, || "output".into(), &out)?;
+        Ok(out)
+    }
+
+    /// One forward from host inputs → velocity `[Ni, out]` (all image rows; the sampler keeps the
+    /// first `Nx`). Calls `hook` with `vec` and every stage of [`Flux::forward_embedded`].
+    pub fn forward(
+        &self,
+        inp: &FluxInputs<'_>,
+        mut hook: Option<StageHook<'_>>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let b = &self.backend;
+        let ni = inp.img.len() / c.in_channels.max(1);
+        let lt = inp.txt.len() / c.context_in_dim.max(1);
+        check_len(
+            "img",
+            inp.img,
+            ni,
+            c.in_channels,
+            format!("[Ni, {}]", c.in_channels),
+        )?;
+        check_len("img_ids", inp.img_ids, ni, 3, format!("[Ni = {ni}, 3]"))?;
+        check_len(
+            "txt",
+            inp.txt,
+            lt,
+            c.context_in_dim,
+            format!("[Lt, {}]", c.context_in_dim),
+        )?;
+        check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
+        check_len("y", inp.y, 1, c.vec_in_dim, format!("[{}]", c.vec_in_dim))?;
+
+        let y = b.upload(inp.y, 1, c.vec_in_dim)?; // [1, vec_in]
+        let vec = self.embed_vec(inp.t, inp.guidance, &y)?; // [1, D]
+        observe(b, &mut hook, || "vec".into(), &vec)?;
+        let pe = self.pe(inp.txt_ids, inp.img_ids)?; // [L, Dh]
+        let img = b.upload(inp.img, ni, c.in_channels)?; // [Ni, in]
+        let txt = b.upload(inp.txt, lt, c.context_in_dim)?; // [Lt, ctx]
+        let out = self.forward_embedded(&img, &txt, &vec, &pe, hook)?; // [Ni, out]
+        b.download(&out)
+    }
+}

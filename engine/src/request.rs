@@ -1,0 +1,262 @@
+//! What one edit or generation asks for, resolved into concrete sizes and noise before any model
+//! runs: the context image's working size (spec 2.1), the output size, and the starting noise.
+
+use crate::error::{EngineError, Result};
+use crate::image::{preferred_resolution, RgbImage, MAX_OUTPUT_SIDE};
+use crate::noise::randn;
+use std::path::{Path, PathBuf};
+
+/// How the context image is sized before encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ResizePolicy {
+    /// Snap to the closest preferred Kontext resolution (spec 2.1), Lanczos.
+    #[default]
+    Preferred,
+    /// Keep the size, floored to a multiple of 16 (Lanczos to that size when it changes).
+    None,
+}
+
+/// Where the starting noise comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NoiseSource {
+    /// PyTorch-compatible seeded normals ([`crate::noise::randn`]).
+    Seed(u64),
+    /// Explicit noise `[C, H/8, W/8]` in latent space (unpacked), e.g. from `--noise FILE`.
+    Tensor(Vec<f32>),
+}
+
+/// Options of one request. Defaults: 28 steps, guidance 2.5, seed 0, the context's size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditOptions {
+    pub steps: usize,
+    pub guidance: f32,
+    pub noise: NoiseSource,
+    /// Output width in pixels (multiple of 16; rounded down otherwise, with a note).
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub resize: ResizePolicy,
+}
+
+impl Default for EditOptions {
+    fn default() -> Self {
+        EditOptions {
+            steps: 28,
+            guidance: 2.5,
+            noise: NoiseSource::Seed(0),
+            width: None,
+            height: None,
+            resize: ResizePolicy::Preferred,
+        }
+    }
+}
+
+/// Output size of a text-to-image request without `--width/--height` (diffusers' default).
+pub const DEFAULT_T2I_SIDE: usize = 1024;
+
+/// Sizes resolved for one request. `notes` says what was adjusted, for the user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Context image at its working size (multiples of 16), if any.
+    pub context: Option<RgbImage>,
+    pub width: usize,
+    pub height: usize,
+    pub notes: Vec<String>,
+}
+
+fn too_small(what: &str, w: usize, h: usize) -> EngineError {
+    EngineError::Config(format!(
+        "{what} is {w}×{h}; both sides must be at least 16 pixels"
+    ))
+}
+
+/// Floors `v` to a multiple of 16, noting it when it changes.
+fn floor16(v: usize, what: &str, notes: &mut Vec<String>) -> usize {
+    let f = v / 16 * 16;
+    if f != v {
+        notes.push(format!("{what} {v} is not a multiple of 16; using {f}"));
+    }
+    f
+}
+
+/// Resolves the context's working size and the output size (spec 2.1, 2.5).
+pub fn plan(context: Option<&RgbImage>, opts: &EditOptions) -> Result<Plan> {
+    if opts.steps == 0 || opts.steps > 1000 {
+        return Err(EngineError::Config(format!(
+            "steps must be between 1 and 1000, got {}",
+            opts.steps
+        )));
+    }
+    if !opts.guidance.is_finite() {
+        return Err(EngineError::Config(
+            "guidance must be a finite number".into(),
+        ));
+    }
+    let mut notes = Vec::new();
+    let context = match context {
+        None => None,
+        Some(img) => {
+            let (w, h) = match opts.resize {
+                ResizePolicy::Preferred => preferred_resolution(img.width, img.height),
+                ResizePolicy::None => (img.width / 16 * 16, img.height / 16 * 16),
+            };
+            if w < 16 || h < 16 {
+                return Err(too_small("the context image", img.width, img.height));
+            }
+            if (w, h) != (img.width, img.height) {
+                notes.push(format!(
+                    "context image resized from {}×{} to {w}×{h}",
+                    img.width, img.height
+                ));
+            }
+            Some(img.resize_lanczos(w, h))
+        }
+    };
+    let (dw, dh) = context
+        .as_ref()
+        .map_or((DEFAULT_T2I_SIDE, DEFAULT_T2I_SIDE), |c| {
+            (c.width, c.height)
+        });
+    let width = floor16(opts.width.unwrap_or(dw), "width", &mut notes);
+    let height = floor16(opts.height.unwrap_or(dh), "height", &mut notes);
+    if width < 16 || height < 16 {
+        return Err(too_small("the output", width, height));
+    }
+    if width > MAX_OUTPUT_SIDE || height > MAX_OUTPUT_SIDE {
+        return Err(EngineError::Config(format!(
+            "output {width}×{height} exceeds the {MAX_OUTPUT_SIDE}-pixel limit per side (Kontext works at about 1 MP)"
+        )));
+    }
+    Ok(Plan {
+        context,
+        width,
+        height,
+        notes,
+    })
+}
+
+/// The starting noise `[C, H/8, W/8]` for an output of `width × height` (multiples of 16).
+pub fn initial_noise(
+    source: &NoiseSource,
+    channels: usize,
+    width: usize,
+    height: usize,
+) -> Result<Vec<f32>> {
+    let n = channels * (height / 8) * (width / 8);
+    match source {
+        NoiseSource::Seed(seed) => Ok(randn(*seed, n)),
+        NoiseSource::Tensor(t) if t.len() == n => Ok(t.clone()),
+        NoiseSource::Tensor(t) => Err(EngineError::Config(format!(
+            "the noise holds {} values but a {width}×{height} output needs [1, {channels}, {}, {}] = {n}",
+            t.len(),
+            height / 8,
+            width / 8
+        ))),
+    }
+}
+
+/// Reads `--noise FILE`: a safetensors file with one f32 tensor `noise` `[1, C, H/8, W/8]`.
+/// Returns the values and `(C, H/8, W/8)`.
+pub fn read_noise_file(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
+    let set = kontext_loader::TensorSet::open(path)?;
+    let bad = |reason: String| EngineError::Image {
+        path: PathBuf::from(path),
+        reason,
+    };
+    let info = set
+        .info("noise")
+        .ok_or_else(|| bad("no tensor named \"noise\" (expected f32 [1, C, H/8, W/8])".into()))?;
+    if info.dtype != kontext_loader::DType::F32 {
+        return Err(bad(format!(
+            "tensor \"noise\" is {}, expected F32",
+            info.dtype
+        )));
+    }
+    let dims = match info.shape.as_slice() {
+        [1, c, h, w] => [*c, *h, *w],
+        s => {
+            return Err(bad(format!(
+                "tensor \"noise\" has shape {s:?}, expected [1, C, H/8, W/8]"
+            )))
+        }
+    };
+    let mut v = Vec::new();
+    kontext_loader::dtype::decode_into(
+        info.dtype,
+        set.bytes("noise").expect("present").as_slice(),
+        1.0,
+        &mut v,
+    );
+    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+        return Err(bad(format!(
+            "tensor \"noise\" holds a non-finite value at index {i}"
+        )));
+    }
+    Ok((v, dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(w: usize, h: usize) -> RgbImage {
+        RgbImage {
+            width: w,
+            height: h,
+            pixels: vec![100; w * h * 3],
+        }
+    }
+
+    #[test]
+    fn preferred_snaps_and_output_follows_context() {
+        let p = plan(Some(&img(1920, 1080)), &EditOptions::default()).unwrap();
+        let c = p.context.unwrap();
+        assert_eq!((c.width, c.height), (1392, 752));
+        assert_eq!((p.width, p.height), (1392, 752));
+        assert_eq!(p.notes.len(), 1);
+    }
+
+    #[test]
+    fn resize_none_floors_to_16() {
+        let opts = EditOptions {
+            resize: ResizePolicy::None,
+            ..Default::default()
+        };
+        let p = plan(Some(&img(100, 70)), &opts).unwrap();
+        assert_eq!((p.width, p.height), (96, 64));
+        let p = plan(Some(&img(96, 64)), &opts).unwrap();
+        assert!(p.notes.is_empty());
+        assert!(plan(Some(&img(100, 15)), &opts).is_err());
+    }
+
+    #[test]
+    fn explicit_sizes_round_down_with_a_note_and_limits_hold() {
+        let opts = EditOptions {
+            width: Some(100),
+            height: Some(64),
+            ..Default::default()
+        };
+        let p = plan(None, &opts).unwrap();
+        assert_eq!((p.width, p.height), (96, 64));
+        assert!(p.notes[0].contains("width 100"));
+        let p = plan(None, &EditOptions::default()).unwrap();
+        assert_eq!((p.width, p.height), (1024, 1024));
+        let huge = EditOptions {
+            width: Some(100_000),
+            ..Default::default()
+        };
+        assert!(plan(None, &huge).unwrap_err().to_string().contains("4096"));
+        let zero = EditOptions {
+            steps: 0,
+            ..Default::default()
+        };
+        assert!(plan(None, &zero).is_err());
+    }
+
+    #[test]
+    fn noise_length_is_checked() {
+        let n = initial_noise(&NoiseSource::Seed(1), 16, 64, 48).unwrap();
+        assert_eq!(n.len(), 16 * 6 * 8);
+        let e = initial_noise(&NoiseSource::Tensor(vec![0.0; 10]), 16, 64, 48).unwrap_err();
+        assert!(e.to_string().contains("[1, 16, 6, 8]"), "{e}");
+    }
+}
