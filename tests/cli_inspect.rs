@@ -3,11 +3,22 @@
 use std::path::Path;
 use std::process::Command;
 
-const PIPELINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/pipeline/tiny-kontext");
+const PIPELINE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/pipeline/tiny-kontext"
+);
 
 fn inspect(path: &Path) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_kontext-fast")).arg("inspect").arg(path).output().unwrap();
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    let out = Command::new(env!("CARGO_BIN_EXE_kontext-fast"))
+        .arg("inspect")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -26,7 +37,16 @@ fn copy_dir(from: &Path, to: &Path) {
 fn inspects_a_diffusers_saved_kontext_folder() {
     let (ok, stdout, stderr) = inspect(Path::new(PIPELINE));
     assert!(ok, "{stderr}");
-    for want in ["transformer:", "(diffusers folder)", "vae:", "t5:", "clip:", "clip tokenizer:", "depth: 1", "F32 ×60"] {
+    for want in [
+        "transformer:",
+        "(diffusers folder)",
+        "vae:",
+        "t5:",
+        "clip:",
+        "clip tokenizer:",
+        "depth: 1",
+        "F32 ×60",
+    ] {
         assert!(stdout.contains(want), "missing {want:?} in\n{stdout}");
     }
 }
@@ -41,11 +61,19 @@ fn truncated_transformer_shard_is_a_one_line_error() {
         .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .unwrap();
     let len = std::fs::metadata(&shard).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&shard).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     let (ok, _, stderr) = inspect(d.path());
     assert!(!ok);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: transformer:") && stderr.contains("truncated"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: transformer:") && stderr.contains("truncated"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"));
 }
 
@@ -57,5 +85,8 @@ fn missing_path_and_non_checkpoint_fail_cleanly() {
     let p = d.path().join("photo.safetensors");
     std::fs::write(&p, b"\x89PNG\r\n\x1a\n not a checkpoint").unwrap();
     let (ok, _, stderr) = inspect(&p);
-    assert!(!ok && stderr.lines().count() == 1 && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        !ok && stderr.lines().count() == 1 && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }

@@ -44,6 +44,8 @@ pub struct CpuConv {
 
 /// Largest im2col band, in floats (32 MB).
 const COL_BAND_FLOATS: usize = 1 << 23;
+/// Rows per GroupNorm statistics band.
+const GN_BAND_ROWS: usize = 1024;
 /// Query rows per attention block (as in [`crate::cpu`]).
 const ATTN_BLOCK: usize = 256;
 
@@ -309,19 +311,37 @@ impl EncoderBackend for CpuBackend {
         }
         let cg = c / groups;
         let count = (x.rows * cg) as f64;
-        // Two passes per group in f64: the mean, then the mean squared deviation.
-        let stats: Vec<(f32, f32)> = (0..groups)
-            .into_par_iter()
-            .map(|g| {
-                let vals = || {
-                    x.data
-                        .chunks_exact(c)
-                        .flat_map(|r| &r[g * cg..(g + 1) * cg])
-                };
-                let mean = vals().map(|&v| v as f64).sum::<f64>() / count;
-                let var = vals().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / count;
-                (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+        // Per-group sums of f(channel, value) in f64: each band of rows sums on its own, then the
+        // bands are added in order (deterministic, whatever rayon's scheduling).
+        let group_sums = |f: &(dyn Fn(usize, f32) -> f64 + Sync)| -> Vec<f64> {
+            let bands: Vec<Vec<f64>> = x
+                .data
+                .par_chunks(c * GN_BAND_ROWS)
+                .map(|band| {
+                    let mut acc = vec![0f64; groups];
+                    for row in band.chunks_exact(c) {
+                        for (i, &v) in row.iter().enumerate() {
+                            acc[i / cg] += f(i, v);
+                        }
+                    }
+                    acc
+                })
+                .collect();
+            bands.iter().fold(vec![0f64; groups], |mut t, b| {
+                t.iter_mut().zip(b).for_each(|(t, b)| *t += b);
+                t
             })
+        };
+        // Two passes: the mean, then the mean squared deviation from it.
+        let mean: Vec<f64> = group_sums(&|_, v| v as f64)
+            .iter()
+            .map(|s| s / count)
+            .collect();
+        let var = group_sums(&|i, v| (v as f64 - mean[i / cg]).powi(2));
+        let stats: Vec<(f32, f32)> = mean
+            .iter()
+            .zip(&var)
+            .map(|(&m, &v)| (m as f32, (1.0 / (v / count + eps as f64).sqrt()) as f32))
             .collect();
         y.data
             .par_chunks_mut(c)

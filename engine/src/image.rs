@@ -114,55 +114,67 @@ impl RgbImage {
     }
 
     /// Resizes with PIL's Lanczos filter, reproducing `Image.resize(size, LANCZOS)` exactly:
-    /// separable passes (horizontal first), coefficients normalised then fixed-point with 22
-    /// fractional bits, 8-bit rounding and clamping after each pass. A side that does not
-    /// change is not filtered.
+    /// separable passes, coefficients normalised then fixed-point with 22 fractional bits, 8-bit
+    /// rounding and clamping after each pass. A side that does not change is not filtered.
+    /// Pillow runs the horizontal pass first, except when the width grows while the height
+    /// shrinks (then the shrinking pass goes first); checked against Pillow 13 on every mix of
+    /// growing and shrinking sides.
     pub fn resize_lanczos(&self, width: usize, height: usize) -> RgbImage {
-        let mut img = self.clone();
-        if width != self.width {
-            let coeffs = pil_coeffs(self.width, width);
-            let mut out = vec![0u8; width * img.height * 3];
-            for y in 0..img.height {
-                let row = &img.pixels[y * img.width * 3..(y + 1) * img.width * 3];
-                for (x, (start, k)) in coeffs.iter().enumerate() {
-                    for c in 0..3 {
-                        let acc = k
-                            .iter()
-                            .enumerate()
-                            .fold(1i64 << (PRECISION_BITS - 1), |a, (i, &w)| {
-                                a + row[(start + i) * 3 + c] as i64 * w as i64
-                            });
-                        out[(y * width + x) * 3 + c] = clip8(acc);
-                    }
+        if width > self.width && height < self.height {
+            self.resize_rows(height).resize_columns(width)
+        } else {
+            self.resize_columns(width).resize_rows(height)
+        }
+    }
+
+    /// Horizontal pass: every row resampled to `width`.
+    fn resize_columns(&self, width: usize) -> RgbImage {
+        if width == self.width {
+            return self.clone();
+        }
+        let coeffs = pil_coeffs(self.width, width);
+        let mut out = vec![0u8; width * self.height * 3];
+        for y in 0..self.height {
+            let row = &self.pixels[y * self.width * 3..(y + 1) * self.width * 3];
+            for (x, (start, k)) in coeffs.iter().enumerate() {
+                for c in 0..3 {
+                    let taps = k
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &w)| (row[(start + i) * 3 + c], w));
+                    out[(y * width + x) * 3 + c] = convolve(taps);
                 }
             }
-            img = RgbImage {
-                width,
-                height: img.height,
-                pixels: out,
-            };
         }
-        if height != self.height {
-            let coeffs = pil_coeffs(self.height, height);
-            let mut out = vec![0u8; img.width * height * 3];
-            for (y, (start, k)) in coeffs.iter().enumerate() {
-                for x in 0..img.width * 3 {
-                    let acc =
-                        k.iter()
-                            .enumerate()
-                            .fold(1i64 << (PRECISION_BITS - 1), |a, (i, &w)| {
-                                a + img.pixels[(start + i) * img.width * 3 + x] as i64 * w as i64
-                            });
-                    out[y * img.width * 3 + x] = clip8(acc);
-                }
+        RgbImage {
+            width,
+            height: self.height,
+            pixels: out,
+        }
+    }
+
+    /// Vertical pass: every column resampled to `height`.
+    fn resize_rows(&self, height: usize) -> RgbImage {
+        if height == self.height {
+            return self.clone();
+        }
+        let coeffs = pil_coeffs(self.height, height);
+        let stride = self.width * 3;
+        let mut out = vec![0u8; stride * height];
+        for (y, (start, k)) in coeffs.iter().enumerate() {
+            for x in 0..stride {
+                let taps = k
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &w)| (self.pixels[(start + i) * stride + x], w));
+                out[y * stride + x] = convolve(taps);
             }
-            img = RgbImage {
-                width: img.width,
-                height,
-                pixels: out,
-            };
         }
-        img
+        RgbImage {
+            width: self.width,
+            height,
+            pixels: out,
+        }
     }
 
     /// The VAE input: [3, H, W] f32 in [-1, 1], `2·(p/255) − 1` (diffusers' normalisation).
@@ -251,7 +263,11 @@ impl RgbImage {
 /// PIL's fixed-point precision for 8-bit resampling (`PRECISION_BITS = 32 - 8 - 2`).
 const PRECISION_BITS: u32 = 22;
 
-fn clip8(acc: i64) -> u8 {
+/// One output value: fixed-point sum with PIL's rounding offset, then clamped to 8 bits.
+fn convolve(taps: impl Iterator<Item = (u8, i32)>) -> u8 {
+    let acc = taps.fold(1i64 << (PRECISION_BITS - 1), |a, (p, w)| {
+        a + p as i64 * w as i64
+    });
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 

@@ -5,12 +5,17 @@
 #[derive(Debug, Clone)]
 pub struct Rng {
     state: u64,
+    /// The second normal of the last Box–Muller pair.
+    spare: Option<f32>,
 }
 
 impl Rng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Rng {
-        Rng { state: seed }
+        Rng {
+            state: seed,
+            spare: None,
+        }
     }
 
     /// Next 64 random bits (SplitMix64).
@@ -27,10 +32,16 @@ impl Rng {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    /// Standard normal (Box–Muller, one value per call).
+    /// Standard normal (Box–Muller; each pair of uniforms gives two values).
     pub fn normal(&mut self) -> f32 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
         let (u1, u2) = (self.uniform(), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+        let r = (-2.0 * u1.ln()).sqrt();
+        let (sin, cos) = (std::f64::consts::TAU * u2).sin_cos();
+        self.spare = Some((r * sin) as f32);
+        (r * cos) as f32
     }
 
     /// `n` standard normals.

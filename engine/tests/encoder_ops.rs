@@ -117,6 +117,7 @@ fn group_norm_matches_the_definition() {
         (7, 6, 3, false),
         (1, 4, 1, true),
         (64, 32, 32, false),
+        (2500, 8, 2, true), // several statistics bands
     ] {
         let x = rand(&mut rng, n, c);
         let (wt, bv) = (rng.normals(c), rng.normals(c));

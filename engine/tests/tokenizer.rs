@@ -144,6 +144,36 @@ fn clip_ids_equal_transformers_on_every_prompt() {
 }
 
 #[test]
+fn clip_folder_forms_agree_with_transformers() {
+    // The small CLIP BPE of the model fixture, as FLUX ships it (vocab.json + merges.txt) and as
+    // transformers saves it (tokenizer.json), against transformers' ids for the same prompts.
+    let enc = Path::new(ROOT).join("../encoders/clip");
+    let cases = json(&enc.join("meta.json"))["tokenizer_cases"].clone();
+    let cases = cases.as_array().expect("tokenizer_cases");
+    for form in ["tokenizer", "tokenizer_json"] {
+        let tok = TextTokenizer::clip(&enc.join(form), CLIP_MAX_LENGTH).expect("CLIP tokenizer");
+        let mut same = 0;
+        for case in cases {
+            let prompt = case["prompt"].as_str().expect("prompt");
+            let got = tok.encode(prompt).expect("encode");
+            let untruncated = case["tokens_untruncated"].as_u64().expect("count") as usize;
+            assert_eq!(got.ids, ids(&case["ids"]), "{form}: {:?}", preview(prompt));
+            assert_eq!(
+                got.truncation.map(|t| t.total_tokens),
+                (untruncated > CLIP_MAX_LENGTH).then_some(untruncated),
+                "{form}: {:?}",
+                preview(prompt)
+            );
+            same += 1;
+        }
+        println!(
+            "CLIP (60-merge vocabulary, {form}/): {same}/{} prompts equal to transformers",
+            cases.len()
+        );
+    }
+}
+
+#[test]
 fn clip_truncation_reports_the_dropped_text() {
     let dir = real_clip_folder();
     let tok = TextTokenizer::clip(dir.path(), CLIP_MAX_LENGTH).expect("CLIP tokenizer");
