@@ -8,6 +8,8 @@
 //! and `gate_residual` is the residual epilogue. Everything is batch 1: an activation is a
 //! row-major matrix `[rows, cols]` (tokens × features).
 
+#![warn(missing_docs)]
+
 use crate::error::Result;
 use crate::layers;
 use crate::weights::HostWeight;

@@ -1,6 +1,8 @@
 //! The one comparison helper of the project, and its tolerances (style.md: "tolerances live in
 //! one place, each with a comment saying why").
 
+#![warn(missing_docs)]
+
 /// Tolerances on the relative errors of [`Comparison`] (both `rel_l2` and `rel_max`).
 pub mod tol {
     /// f32 engine vs an f32 reference of the same math (diffusers / PyTorch CPU): only the order

@@ -6,6 +6,8 @@
 //! only ever called from the calling thread, never from inside a rayon loop, so the two thread
 //! pools never nest.
 
+#![warn(missing_docs)]
+
 use crate::backend::Backend;
 use crate::error::{shape_err, Result};
 use crate::layers::{gelu_tanh, silu, LN_EPS, RMS_EPS};
@@ -15,7 +17,9 @@ use rayon::prelude::*;
 /// A row-major f32 matrix `[rows, cols]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
+    /// Rows (tokens).
     pub rows: usize,
+    /// Columns (features).
     pub cols: usize,
     /// `rows · cols` values, row-major.
     pub data: Vec<f32>,
@@ -46,9 +50,13 @@ impl CpuTensor {
 /// A linear layer on the CPU: `weight [out, in]` row-major, `bias [out]`.
 #[derive(Debug, Clone)]
 pub struct CpuLinear {
+    /// Output features.
     pub out: usize,
+    /// Input features.
     pub inp: usize,
+    /// `[out, in]`, row-major.
     pub weight: Vec<f32>,
+    /// `[out]`, or none.
     pub bias: Option<Vec<f32>>,
 }
 

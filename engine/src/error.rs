@@ -19,21 +19,30 @@ pub enum EngineError {
     /// A weight does not have the shape the config implies.
     #[error("weight {key:?}: expected shape {expected:?}, found {found:?}")]
     WeightShape {
+        /// Canonical (BFL) key.
         key: String,
+        /// Shape the config implies.
         expected: Vec<usize>,
+        /// Shape found.
         found: Vec<usize>,
     },
     /// A weight the model needs is missing from an in-memory weight set.
     #[error("weight {key:?} is missing")]
-    MissingWeight { key: String },
+    MissingWeight {
+        /// Canonical (BFL) key.
+        key: String,
+    },
     /// The model config cannot be run (e.g. RoPE axes that do not sum to the head dim).
     #[error("config: {0}")]
     Config(String),
     /// A model input has the wrong length for its stated shape.
     #[error("input {name}: {len} values, expected {expected} ({shape})")]
     Input {
+        /// Which input (`img`, `txt_ids`, `latent`, …).
         name: &'static str,
+        /// Values given.
         len: usize,
+        /// Values the shape needs.
         expected: usize,
         /// The expected shape in words, e.g. `[Ni = 18, 3]`.
         shape: String,

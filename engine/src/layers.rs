@@ -4,6 +4,8 @@
 //! batch 1: `[tokens, features]`. `D` = hidden size, `H` = heads, `Dh` = head dim,
 //! `M` = MLP hidden, `Lt` text tokens, `Ni` image tokens, `L = Lt + Ni`.
 
+#![warn(missing_docs)]
+
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::weights::WeightSource;
@@ -48,6 +50,7 @@ pub fn timestep_embedding(s: f32, dim: usize) -> Vec<f32> {
 /// RoPE table of the joint sequence (BFL `EmbedND`, spec 1.6).
 #[derive(Debug, Clone)]
 pub struct EmbedNd {
+    /// RoPE base (10000).
     pub theta: f32,
     /// Head dims per id axis (index, row, column); even, summing to `Dh`.
     pub axes_dim: Vec<usize>,
@@ -126,7 +129,9 @@ fn load_vector<B: Backend>(
 
 /// `out_layer(SiLU(in_layer(x)))`, both with bias: `[1, in] → [1, D]` (spec 1.3).
 pub struct MlpEmbedder<B: Backend> {
+    /// `in_layer` `[D, in]`.
     pub in_layer: B::Linear,
+    /// `out_layer` `[D, D]`.
     pub out_layer: B::Linear,
 }
 
@@ -149,8 +154,11 @@ impl<B: Backend> MlpEmbedder<B> {
 
 /// One adaLN chunk triple, each `[1, D]` broadcast over tokens.
 pub struct ModulationOut<T> {
+    /// `[1, D]`, added after the norm.
     pub shift: T,
+    /// `[1, D]`, used as `1 + scale`.
     pub scale: T,
+    /// `[1, D]`, multiplies the branch before the residual add.
     pub gate: T,
 }
 
@@ -159,8 +167,11 @@ pub type ModulationPair<T> = (ModulationOut<T>, Option<ModulationOut<T>>);
 
 /// `lin(SiLU(vec))` split into 6 (double) or 3 (single) chunks of `D` (spec 1.4).
 pub struct Modulation<B: Backend> {
+    /// `lin` `[k·D, D]`, k = 6 (double) or 3 (single).
     pub lin: B::Linear,
+    /// Whether `lin` gives two triples (double block) or one.
     pub is_double: bool,
+    /// Hidden size `D`.
     pub dim: usize,
 }
 
@@ -198,7 +209,9 @@ impl<B: Backend> Modulation<B> {
 
 /// Per-head RMSNorms of q and k with learnable scales `[Dh]` (spec 1.5).
 pub struct QkNorm<B: Backend> {
+    /// RMSNorm scale of q `[Dh]`.
     pub query_norm: B::Vector,
+    /// RMSNorm scale of k `[Dh]`.
     pub key_norm: B::Vector,
 }
 
@@ -214,14 +227,19 @@ impl<B: Backend> QkNorm<B> {
 
 /// The attention weights of one stream of a double block: `qkv [3D, D]`, QKNorm, `proj [D, D]`.
 pub struct SelfAttention<B: Backend> {
+    /// `[3D, D]`: q, k, v rows in that order, head h at `h·Dh`.
     pub qkv: B::Linear,
+    /// QKNorm of q and k.
     pub norm: QkNorm<B>,
+    /// `[D, D]` on the attention output.
     pub proj: B::Linear,
 }
 
 /// A stream's MLP: `Linear(D → M) → GELU-tanh → Linear(M → D)` (BFL keys `mlp.0`, `mlp.2`).
 pub struct Mlp<B: Backend> {
+    /// `mlp.0` `[M, D]`.
     pub fc0: B::Linear,
+    /// `mlp.2` `[D, M]`.
     pub fc2: B::Linear,
 }
 
@@ -237,20 +255,31 @@ impl<B: Backend> Mlp<B> {
 /// Sizes every block needs.
 #[derive(Debug, Clone, Copy)]
 pub struct BlockDims {
+    /// `D`.
     pub hidden: usize,
+    /// `H`.
     pub num_heads: usize,
+    /// `Dh`.
     pub head_dim: usize,
+    /// `M`.
     pub mlp_hidden: usize,
 }
 
 /// MMDiT block: separate weights for the text and image streams, joint attention (spec 1.8).
 pub struct DoubleStreamBlock<B: Backend> {
+    /// Image-stream adaLN (6 chunks).
     pub img_mod: Modulation<B>,
+    /// Image-stream qkv, QKNorm and proj.
     pub img_attn: SelfAttention<B>,
+    /// Image-stream MLP.
     pub img_mlp: Mlp<B>,
+    /// Text-stream adaLN (6 chunks).
     pub txt_mod: Modulation<B>,
+    /// Text-stream qkv, QKNorm and proj.
     pub txt_attn: SelfAttention<B>,
+    /// Text-stream MLP.
     pub txt_mlp: Mlp<B>,
+    /// Block sizes.
     pub dims: BlockDims,
 }
 
@@ -352,8 +381,11 @@ pub struct SingleStreamBlock<B: Backend> {
     pub linear1: B::Linear,
     /// `[D, D + M]` on `[attention ‖ GELU(mlp)]`.
     pub linear2: B::Linear,
+    /// QKNorm of q and k.
     pub norm: QkNorm<B>,
+    /// adaLN (3 chunks).
     pub modulation: Modulation<B>,
+    /// Block sizes.
     pub dims: BlockDims,
 }
 
@@ -404,7 +436,9 @@ impl<B: Backend> SingleStreamBlock<B> {
 pub struct LastLayer<B: Backend> {
     /// `adaLN_modulation.1` `[2D, D]`: rows `[0, D)` → shift, `[D, 2D)` → scale.
     pub ada_ln_modulation: B::Linear,
+    /// `linear` `[out, D]`.
     pub linear: B::Linear,
+    /// Hidden size `D`.
     pub hidden: usize,
 }
 

@@ -1,5 +1,7 @@
 //! `Flux`: the whole transformer, in the order of BFL's `model.py` (spec 1.11).
 
+#![warn(missing_docs)]
+
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::layers::{
@@ -35,16 +37,27 @@ pub struct FluxInputs<'a> {
 
 /// The Flux (Kontext) transformer on backend `B`.
 pub struct Flux<B: Backend> {
+    /// The backend every op runs on.
     pub backend: B,
+    /// Sizes, from the checkpoint.
     pub config: FluxConfig,
+    /// RoPE table builder (`pe_embedder`).
     pub pe_embedder: EmbedNd,
+    /// `img_in` `[D, in_channels]`.
     pub img_in: B::Linear,
+    /// `time_in`: `[256] → [D]`.
     pub time_in: MlpEmbedder<B>,
+    /// `vector_in`: `[vec_in] → [D]`.
     pub vector_in: MlpEmbedder<B>,
+    /// `guidance_in`: `[256] → [D]` (guidance-distilled models).
     pub guidance_in: Option<MlpEmbedder<B>>,
+    /// `txt_in` `[D, context_in_dim]`.
     pub txt_in: B::Linear,
+    /// `depth` double-stream blocks.
     pub double_blocks: Vec<DoubleStreamBlock<B>>,
+    /// `depth_single` single-stream blocks.
     pub single_blocks: Vec<SingleStreamBlock<B>>,
+    /// `final_layer`.
     pub final_layer: LastLayer<B>,
 }
 

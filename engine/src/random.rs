@@ -1,6 +1,8 @@
 //! Deterministic random numbers for tests, checks and benchmarks (random weights and inputs).
 //! Not the sampler's noise: that must reproduce PyTorch's generator (spec 3.1).
 
+#![warn(missing_docs)]
+
 /// SplitMix64 generator with Box–Muller normals.
 #[derive(Debug, Clone)]
 pub struct Rng {

@@ -1,13 +1,18 @@
 //! Host-side helpers of BFL's `sampling.py` that the denoising loop needs: latent packing
 //! (spec 3.2), Kontext position ids and sequence assembly (spec 2.3, 2.4).
 
+#![warn(missing_docs)]
+
 use crate::error::{EngineError, Result};
 
 /// Shape of one latent `[channels, height, width]` (batch 1), e.g. `[16, 128, 128]` for 1024².
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LatentShape {
+    /// Latent channels `C` (16).
     pub channels: usize,
+    /// Latent height `h` (even).
     pub height: usize,
+    /// Latent width `w` (even).
     pub width: usize,
 }
 

@@ -1,6 +1,8 @@
 //! Where a model's weights come from: a loaded checkpoint (fp8 dequantised to f32) or an
 //! in-memory map (random weights for tests and benchmarks, or weights a test has altered).
 
+#![warn(missing_docs)]
+
 use crate::error::{EngineError, Result};
 use crate::random::Rng;
 use kontext_loader::{Component, FluxConfig};
@@ -9,7 +11,9 @@ use std::collections::BTreeMap;
 /// A host tensor in f32 with its shape (`[out, in]` for a linear weight, `[n]` for a vector).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostWeight {
+    /// Dimensions, e.g. `[out, in]`.
     pub shape: Vec<usize>,
+    /// Values, row-major.
     pub data: Vec<f32>,
 }
 

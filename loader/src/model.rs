@@ -155,7 +155,8 @@ fn kind_of(path: &Path) -> Result<&'static str> {
             "vae"
         } else if any(&|k| k.starts_with("encoder.block.") || k == "shared.weight") {
             "t5"
-        } else if any(&|k| k.starts_with("text_model.") || k == "embeddings.token_embedding.weight") {
+        } else if any(&|k| k.starts_with("text_model.") || k == "embeddings.token_embedding.weight")
+        {
             "clip"
         } else {
             return Err(LoadError::UnknownLayout {

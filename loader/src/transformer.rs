@@ -35,6 +35,29 @@ pub struct FluxConfig {
     pub guidance_embed: bool,
 }
 
+impl FluxConfig {
+    /// FLUX.1 Kontext [dev] (`configs["flux-dev-kontext"]`, spec 1.1): for benchmarks and
+    /// checks at the real shapes without the checkpoint.
+    pub fn kontext_dev() -> FluxConfig {
+        FluxConfig {
+            in_channels: 64,
+            out_channels: 64,
+            vec_in_dim: 768,
+            context_in_dim: 4096,
+            hidden_size: 3072,
+            mlp_hidden: 12288,
+            num_heads: 24,
+            head_dim: 128,
+            depth: 19,
+            depth_single: 38,
+            axes_dim: vec![16, 56, 56],
+            theta: 10000.0,
+            qkv_bias: true,
+            guidance_embed: true,
+        }
+    }
+}
+
 /// What the caller may say about a transformer whose files do not say it (single files carry no
 /// config).
 #[derive(Debug, Clone, Default)]
@@ -442,22 +465,7 @@ mod tests {
 
     #[test]
     fn every_canonical_name_has_a_diffusers_source() {
-        let cfg = FluxConfig {
-            in_channels: 64,
-            out_channels: 64,
-            vec_in_dim: 768,
-            context_in_dim: 4096,
-            hidden_size: 3072,
-            mlp_hidden: 12288,
-            num_heads: 24,
-            head_dim: 128,
-            depth: 19,
-            depth_single: 38,
-            axes_dim: vec![16, 56, 56],
-            theta: 10000.0,
-            qkv_bias: true,
-            guidance_embed: true,
-        };
+        let cfg = FluxConfig::kontext_dev();
         let shapes = expected_shapes(&cfg);
         assert_eq!(shapes.len(), 780, "spec 1.12: 780 tensors");
         let params: usize = shapes

@@ -5,25 +5,6 @@ use kontext_loader::transformer::expected_shapes;
 use kontext_loader::{load_transformer, FluxConfig, Quant, TransformerOptions};
 use std::io::Write;
 
-fn kontext_dev() -> FluxConfig {
-    FluxConfig {
-        in_channels: 64,
-        out_channels: 64,
-        vec_in_dim: 768,
-        context_in_dim: 4096,
-        hidden_size: 3072,
-        mlp_hidden: 12288,
-        num_heads: 24,
-        head_dim: 128,
-        depth: 19,
-        depth_single: 38,
-        axes_dim: vec![16, 56, 56],
-        theta: 10000.0,
-        qkv_bias: true,
-        guidance_embed: true,
-    }
-}
-
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
@@ -32,7 +13,7 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn opening_a_12_gb_scaled_fp8_checkpoint_reads_nothing() {
-    let shapes = expected_shapes(&kontext_dev());
+    let shapes = expected_shapes(&FluxConfig::kontext_dev());
     let prefix = "model.diffusion_model.";
     // Scales first (real bytes), then the weights (a hole in the sparse file).
     let mut header = serde_json::Map::new();
@@ -90,7 +71,7 @@ fn opening_a_12_gb_scaled_fp8_checkpoint_reads_nothing() {
         file_len as f64 / 1e9
     );
 
-    assert_eq!(t.config, kontext_dev());
+    assert_eq!(t.config, FluxConfig::kontext_dev());
     assert_eq!(t.weights.quant, Quant::ScaledFp8 { fp8_matmul: true });
     assert_eq!(t.weights.param_count(), 11_901_408_320);
     assert_eq!(
