@@ -4,43 +4,9 @@
 
 use crate::encoder_backend::EncoderBackend;
 use crate::error::{shape_err, EngineError, Result};
-use crate::model::StageHook;
-use crate::vae::observe;
-use crate::weights::{HostWeight, WeightSource};
+use crate::model::{observe, StageHook};
+use crate::weights::{load_linear, load_stacked, load_vector, weight, WeightSource};
 use kontext_loader::{Clip, ClipConfig};
-
-/// `weight` of `key` with the shape the config implies.
-fn weight(src: &dyn WeightSource, key: &str, shape: &[usize]) -> Result<HostWeight> {
-    let w = src.weight(key)?;
-    w.expect_shape(key, shape)?;
-    Ok(w)
-}
-
-/// Linears `names` (each `.weight [out, inp]`, `.bias [out]`) stacked into one.
-fn load_stacked<B: EncoderBackend>(
-    b: &B,
-    src: &dyn WeightSource,
-    names: &[String],
-    (out, inp): (usize, usize),
-) -> Result<B::Linear> {
-    let (mut w, mut bias) = (Vec::new(), Vec::new());
-    for n in names {
-        w.extend(weight(src, &format!("{n}.weight"), &[out, inp])?.data);
-        bias.extend(weight(src, &format!("{n}.bias"), &[out])?.data);
-    }
-    let rows = names.len() * out;
-    b.load_linear(
-        &names.join("+"),
-        HostWeight {
-            shape: vec![rows, inp],
-            data: w,
-        },
-        Some(HostWeight {
-            shape: vec![rows],
-            data: bias,
-        }),
-    )
-}
 
 /// The position whose final hidden state is the pooled output (HF `CLIPTextTransformer`):
 /// with the legacy `eos_token_id == 2` of FLUX's config, `argmax(ids)` (first maximum; the end
@@ -132,10 +98,9 @@ impl<B: EncoderBackend> ClipTextModel<B> {
         let (b, c) = (&backend, &config);
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let ln = |name: String| -> Result<(B::Vector, B::Vector)> {
-            let (wk, bk) = (format!("{name}.weight"), format!("{name}.bias"));
             Ok((
-                b.load_vector(&wk, weight(src, &wk, &[d])?)?,
-                b.load_vector(&bk, weight(src, &bk, &[d])?)?,
+                load_vector(b, src, &format!("{name}.weight"), d)?,
+                load_vector(b, src, &format!("{name}.bias"), d)?,
             ))
         };
         let layers = (0..c.num_layers)
@@ -147,11 +112,11 @@ impl<B: EncoderBackend> ClipTextModel<B> {
                     .collect();
                 Ok(ClipLayer {
                     layer_norm1: ln(format!("{p}.layer_norm1"))?,
-                    qkv: load_stacked(b, src, &qkv, (d, d))?,
-                    out_proj: load_stacked(b, src, &[format!("{p}.self_attn.out_proj")], (d, d))?,
+                    qkv: load_stacked(b, src, &qkv, &[d, d], true)?,
+                    out_proj: load_linear(b, src, &format!("{p}.self_attn.out_proj"), d, d, true)?,
                     layer_norm2: ln(format!("{p}.layer_norm2"))?,
-                    fc1: load_stacked(b, src, &[format!("{p}.mlp.fc1")], (f, d))?,
-                    fc2: load_stacked(b, src, &[format!("{p}.mlp.fc2")], (d, f))?,
+                    fc1: load_linear(b, src, &format!("{p}.mlp.fc1"), f, d, true)?,
+                    fc2: load_linear(b, src, &format!("{p}.mlp.fc2"), d, f, true)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

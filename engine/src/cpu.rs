@@ -70,8 +70,9 @@ pub struct CpuBackend;
 const ATTN_BLOCK: usize = 512;
 
 /// `C = alpha·A·B + beta·C` for strided `A [m, k]`, `B [k, n]`, `C [m, n]` (strides in elements).
+/// Every product of the CPU backends ([`crate::cpu_encoder`] included) goes through it.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+pub(crate) fn gemm(
     (m, k, n): (usize, usize, usize),
     alpha: f32,
     (a, rsa, csa): (&[f32], usize, usize),
@@ -118,8 +119,8 @@ fn gemm(
     }
 }
 
-/// `x ← softmax(x)` over one row (max-subtracted, f64 sum).
-fn softmax_in_place(x: &mut [f32]) {
+/// `x ← softmax(x)` over one row (max-subtracted, f64 sum); `−∞` entries become 0.
+pub(crate) fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0f64;
     for v in x.iter_mut() {
@@ -132,12 +133,24 @@ fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
-/// `y = x · rsqrt(mean(x²) + eps) · scale` over one head, in place.
-fn rms_norm_in_place(x: &mut [f32], scale: &[f32]) {
+/// `y = x · rsqrt(mean(x²) + eps) · scale` over one row or head, in place (f64 mean).
+pub(crate) fn rms_norm_in_place(x: &mut [f32], scale: &[f32], eps: f32) {
     let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / x.len() as f64;
-    let rrms = (1.0 / (ms + RMS_EPS as f64).sqrt()) as f32;
+    let rrms = (1.0 / (ms + eps as f64).sqrt()) as f32;
     for (v, s) in x.iter_mut().zip(scale) {
         *v = (*v * rrms) * s;
+    }
+}
+
+/// `y = (x − mean(x)) · rsqrt(var(x) + eps)` over one row, before any affine (f64 statistics,
+/// biased variance).
+pub(crate) fn layer_norm_row(x: &[f32], y: &mut [f32], eps: f32) {
+    let d = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d;
+    let rstd = 1.0 / (var + eps as f64).sqrt();
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = ((x as f64 - mean) * rstd) as f32;
     }
 }
 
@@ -151,7 +164,8 @@ fn rope_in_place(x: &mut [f32], pe: &[f32]) {
     }
 }
 
-fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
+/// `f` applied to every element of `x`.
+pub(crate) fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
     CpuTensor {
         rows: x.rows,
         cols: x.cols,
@@ -180,6 +194,87 @@ fn check_same(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Multi-head attention over `qkv [L, W]` (q, k, v at columns `[0, D)`, `[D, 2D)`, `[2D, 3D)`,
+/// D = H·Dh) → `[L, D]`: per head, `softmax(scale · q·kᵀ + bias_h + mask) · v`, `block` query rows
+/// at a time (one sgemm for the scores, one for the values). `bias [H·L, L]` and `causal` (mask
+/// keys `j > i`) serve the encoders; the transformer passes neither. `op` names the op in errors.
+pub(crate) fn attention_blocked(
+    op: &'static str,
+    qkv: &CpuTensor,
+    (num_heads, head_dim): (usize, usize),
+    scale: f32,
+    bias: Option<&CpuTensor>,
+    causal: bool,
+    block: usize,
+) -> Result<CpuTensor> {
+    let (l, w, hd) = (qkv.rows, qkv.cols, head_dim);
+    let d = num_heads * hd;
+    if hd == 0 || w < 3 * d {
+        return Err(shape_err(
+            op,
+            format!(
+                "qkv [{l}, {w}] cannot hold q, k, v of {num_heads} heads × {hd} (needs {} columns)",
+                3 * d
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        if (b.rows, b.cols) != (num_heads * l, l) {
+            return Err(shape_err(
+                op,
+                format!(
+                    "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
+                    b.rows,
+                    b.cols,
+                    num_heads * l
+                ),
+            ));
+        }
+    }
+    let mut out = CpuTensor::zeros(l, d);
+    if l == 0 {
+        return Ok(out);
+    }
+    let mut s = vec![0.0f32; block.min(l) * l];
+    for h in 0..num_heads {
+        let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
+        for q0 in (0..l).step_by(block) {
+            let bq = block.min(l - q0);
+            let s = &mut s[..bq * l];
+            // S = scale · Q_blk · K_hᵀ   [bq, L]
+            gemm(
+                (bq, hd, l),
+                scale,
+                (&qkv.data[q0 * w + q..], w, 1),
+                (&qkv.data[k..], 1, w),
+                0.0,
+                (s, l, 1),
+            );
+            s.par_chunks_mut(l).enumerate().for_each(|(r, row)| {
+                let i = q0 + r;
+                if let Some(b) = bias {
+                    let brow = &b.data[(h * l + i) * l..][..l];
+                    row.iter_mut().zip(brow).for_each(|(v, b)| *v += b);
+                }
+                if causal {
+                    row[i + 1..].fill(f32::NEG_INFINITY);
+                }
+                softmax_in_place(row);
+            });
+            // O_blk = P · V_h   [bq, Dh] → out rows q0.., columns h·Dh..
+            gemm(
+                (bq, l, hd),
+                1.0,
+                (s, l, 1),
+                (&qkv.data[v..], w, 1),
+                0.0,
+                (&mut out.data[q0 * d + h * hd..], d, 1),
+            );
+        }
+    }
+    Ok(out)
 }
 
 impl Backend for CpuBackend {
@@ -293,17 +388,13 @@ impl Backend for CpuBackend {
         if x.cols == 0 {
             return Ok(y);
         }
-        let d = x.cols as f64;
         y.data
             .par_chunks_mut(x.cols)
             .zip(x.data.par_chunks(x.cols))
             .for_each(|(y, x)| {
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d;
-                let rstd = 1.0 / (var + LN_EPS as f64).sqrt();
-                for i in 0..x.len() {
-                    let ln = ((x[i] as f64 - mean) * rstd) as f32;
-                    y[i] = (1.0 + scale.data[i]) * ln + shift.data[i];
+                layer_norm_row(x, y, LN_EPS);
+                for ((y, s), t) in y.iter_mut().zip(&scale.data).zip(&shift.data) {
+                    *y = (1.0 + s) * *y + t;
                 }
             });
         Ok(y)
@@ -359,7 +450,7 @@ impl Backend for CpuBackend {
                 for (part, scale) in [(0, q_scale), (1, k_scale)] {
                     for h in 0..num_heads {
                         let x = &mut row[part * d + h * hd..][..hd];
-                        rms_norm_in_place(x, scale);
+                        rms_norm_in_place(x, scale, RMS_EPS);
                         rope_in_place(x, pe);
                     }
                 }
@@ -368,50 +459,16 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&self, qkv: &CpuTensor, num_heads: usize, head_dim: usize) -> Result<CpuTensor> {
-        let (l, w, hd) = (qkv.rows, qkv.cols, head_dim);
-        let d = num_heads * hd;
-        if hd == 0 || w < 3 * d {
-            return Err(shape_err(
-                "attention",
-                format!(
-                    "qkv [{l}, {w}] cannot hold q, k, v of {num_heads} heads × {hd} (needs {} columns)",
-                    3 * d
-                ),
-            ));
-        }
-        let mut out = CpuTensor::zeros(l, d);
-        if l == 0 {
-            return Ok(out);
-        }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut s = vec![0.0f32; ATTN_BLOCK.min(l) * l];
-        for h in 0..num_heads {
-            let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
-            for q0 in (0..l).step_by(ATTN_BLOCK) {
-                let bq = ATTN_BLOCK.min(l - q0);
-                let s = &mut s[..bq * l];
-                // S = scale · Q_blk · K_hᵀ   [bq, L]
-                gemm(
-                    (bq, hd, l),
-                    scale,
-                    (&qkv.data[q0 * w + q..], w, 1),
-                    (&qkv.data[k..], 1, w),
-                    0.0,
-                    (s, l, 1),
-                );
-                s.par_chunks_mut(l).for_each(softmax_in_place);
-                // O_blk = P · V_h   [bq, Dh] → out rows q0.., columns h·Dh..
-                gemm(
-                    (bq, l, hd),
-                    1.0,
-                    (s, l, 1),
-                    (&qkv.data[v..], w, 1),
-                    0.0,
-                    (&mut out.data[q0 * d + h * hd..], d, 1),
-                );
-            }
-        }
-        Ok(out)
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        attention_blocked(
+            "attention",
+            qkv,
+            (num_heads, head_dim),
+            scale,
+            None,
+            false,
+            ATTN_BLOCK,
+        )
     }
 
     fn gate_residual(&self, x: &mut CpuTensor, gate: &CpuTensor, y: &CpuTensor) -> Result<()> {

@@ -17,7 +17,9 @@
 //! CPU the band keeps the column matrix ≤ 32 MB (the decoder's last level at 1024² would need
 //! 4.6 GB at once).
 
-use crate::cpu::{CpuBackend, CpuTensor};
+use crate::cpu::{
+    attention_blocked, gemm, layer_norm_row, map, rms_norm_in_place, CpuBackend, CpuTensor,
+};
 use crate::encoder_backend::{conv_out_hw, EncoderBackend, Pad};
 use crate::error::{shape_err, Result};
 use crate::layers::{gelu_tanh, silu};
@@ -46,78 +48,9 @@ pub struct CpuConv {
 const COL_BAND_FLOATS: usize = 1 << 23;
 /// Rows per GroupNorm statistics band.
 const GN_BAND_ROWS: usize = 1024;
-/// Query rows per attention block (as in [`crate::cpu`]).
+/// Query rows per block of `attention_masked` (the transformer's `attention` in [`crate::cpu`]
+/// uses 512).
 const ATTN_BLOCK: usize = 256;
-
-/// `C = alpha·A·B + beta·C` for strided `A [m, k]`, `B [k, n]`, `C [m, n]` (strides in elements).
-/// The same contract as `cpu::gemm`, which is private to that file.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    (m, k, n): (usize, usize, usize),
-    alpha: f32,
-    (a, rsa, csa): (&[f32], usize, usize),
-    (b, rsb, csb): (&[f32], usize, usize),
-    beta: f32,
-    (c, rsc, csc): (&mut [f32], usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(reach(m, n, rsc, csc) < c.len(), "gemm: C out of bounds");
-    if k == 0 {
-        for i in 0..m {
-            for j in 0..n {
-                c[i * rsc + j * csc] *= beta;
-            }
-        }
-        return;
-    }
-    assert!(reach(m, k, rsa, csa) < a.len(), "gemm: A out of bounds");
-    assert!(reach(k, n, rsb, csb) < b.len(), "gemm: B out of bounds");
-    // SAFETY: the three asserts above bound every index sgemm computes from (m, k, n) and the
-    // strides; `c` is a unique borrow, so it aliases neither `a` nor `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            csc as isize,
-        );
-    }
-}
-
-/// `x ← softmax(x)` over one row (max-subtracted, f64 sum); `−∞` entries become 0.
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f64;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v as f64;
-    }
-    let inv = (1.0 / sum) as f32;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
-    CpuTensor {
-        rows: x.rows,
-        cols: x.cols,
-        data: x.data.par_iter().map(|&v| f(v)).collect(),
-    }
-}
 
 fn check_vector(op: &'static str, what: &str, v: &[f32], n: usize) -> Result<()> {
     if v.len() != n {
@@ -389,11 +322,9 @@ impl EncoderBackend for CpuBackend {
             .par_chunks_mut(d)
             .zip(x.data.par_chunks(d))
             .for_each(|(y, x)| {
-                let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
-                let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
-                let rstd = 1.0 / (var + eps as f64).sqrt();
-                for i in 0..d {
-                    y[i] = ((x[i] as f64 - mean) * rstd) as f32 * weight[i] + bias[i];
+                layer_norm_row(x, y, eps);
+                for ((y, w), b) in y.iter_mut().zip(weight).zip(bias) {
+                    *y = *y * w + b;
                 }
             });
         Ok(y)
@@ -402,20 +333,13 @@ impl EncoderBackend for CpuBackend {
     fn rms_norm(&self, x: &CpuTensor, weight: &Vec<f32>, eps: f32) -> Result<CpuTensor> {
         let d = x.cols;
         check_vector("rms_norm", "weight", weight, d)?;
-        let mut y = CpuTensor::zeros(x.rows, d);
+        let mut y = x.clone();
         if d == 0 {
             return Ok(y);
         }
         y.data
             .par_chunks_mut(d)
-            .zip(x.data.par_chunks(d))
-            .for_each(|(y, x)| {
-                let ms = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
-                let rrms = (1.0 / (ms + eps as f64).sqrt()) as f32;
-                for i in 0..d {
-                    y[i] = weight[i] * (x[i] * rrms);
-                }
-            });
+            .for_each(|y| rms_norm_in_place(y, weight, eps));
         Ok(y)
     }
 
@@ -428,72 +352,15 @@ impl EncoderBackend for CpuBackend {
         bias: Option<&CpuTensor>,
         causal: bool,
     ) -> Result<CpuTensor> {
-        let (l, w, hd) = (qkv.rows, qkv.cols, head_dim);
-        let d = num_heads * hd;
-        if hd == 0 || w < 3 * d {
-            return Err(shape_err(
-                "attention_masked",
-                format!(
-                    "qkv [{l}, {w}] cannot hold q, k, v of {num_heads} heads × {hd} (needs {} columns)",
-                    3 * d
-                ),
-            ));
-        }
-        if let Some(b) = bias {
-            if (b.rows, b.cols) != (num_heads * l, l) {
-                return Err(shape_err(
-                    "attention_masked",
-                    format!(
-                        "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
-                        b.rows,
-                        b.cols,
-                        num_heads * l
-                    ),
-                ));
-            }
-        }
-        let mut out = CpuTensor::zeros(l, d);
-        if l == 0 {
-            return Ok(out);
-        }
-        let mut s = vec![0.0f32; ATTN_BLOCK.min(l) * l];
-        for h in 0..num_heads {
-            let (q, k, v) = (h * hd, d + h * hd, 2 * d + h * hd);
-            for q0 in (0..l).step_by(ATTN_BLOCK) {
-                let bq = ATTN_BLOCK.min(l - q0);
-                let s = &mut s[..bq * l];
-                // S = scale · Q_blk · K_hᵀ   [bq, L]
-                gemm(
-                    (bq, hd, l),
-                    scale,
-                    (&qkv.data[q0 * w + q..], w, 1),
-                    (&qkv.data[k..], 1, w),
-                    0.0,
-                    (s, l, 1),
-                );
-                s.par_chunks_mut(l).enumerate().for_each(|(r, row)| {
-                    let i = q0 + r;
-                    if let Some(b) = bias {
-                        let brow = &b.data[(h * l + i) * l..][..l];
-                        row.iter_mut().zip(brow).for_each(|(v, b)| *v += b);
-                    }
-                    if causal {
-                        row[i + 1..].fill(f32::NEG_INFINITY);
-                    }
-                    softmax_in_place(row);
-                });
-                // O_blk = P · V_h   [bq, Dh]
-                gemm(
-                    (bq, l, hd),
-                    1.0,
-                    (s, l, 1),
-                    (&qkv.data[v..], w, 1),
-                    0.0,
-                    (&mut out.data[q0 * d + h * hd..], d, 1),
-                );
-            }
-        }
-        Ok(out)
+        attention_blocked(
+            "attention_masked",
+            qkv,
+            (num_heads, head_dim),
+            scale,
+            bias,
+            causal,
+            ATTN_BLOCK,
+        )
     }
 
     fn gelu_tanh_gate(&self, x: &CpuTensor) -> Result<CpuTensor> {

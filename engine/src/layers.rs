@@ -8,7 +8,7 @@
 
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
-use crate::weights::WeightSource;
+use crate::weights::{load_linear, load_vector, WeightSource};
 
 /// LayerNorm epsilon (all `*_norm1/2`, `pre_norm`, `norm_final`; spec 1.5).
 pub const LN_EPS: f32 = 1e-6;
@@ -91,40 +91,6 @@ impl EmbedNd {
         }
         Ok(pe)
     }
-}
-
-/// Loads `{name}.weight [out, inp]` and, when `bias`, `{name}.bias [out]`.
-pub(crate) fn load_linear<B: Backend>(
-    b: &B,
-    src: &dyn WeightSource,
-    name: &str,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> Result<B::Linear> {
-    let wkey = format!("{name}.weight");
-    let w = src.weight(&wkey)?;
-    w.expect_shape(&wkey, &[out, inp])?;
-    let bias = if bias {
-        let bkey = format!("{name}.bias");
-        let v = src.weight(&bkey)?;
-        v.expect_shape(&bkey, &[out])?;
-        Some(v)
-    } else {
-        None
-    };
-    b.load_linear(name, w, bias)
-}
-
-fn load_vector<B: Backend>(
-    b: &B,
-    src: &dyn WeightSource,
-    key: &str,
-    n: usize,
-) -> Result<B::Vector> {
-    let v = src.weight(key)?;
-    v.expect_shape(key, &[n])?;
-    b.load_vector(key, v)
 }
 
 /// `out_layer(SiLU(in_layer(x)))`, both with bias: `[1, in] → [1, D]` (spec 1.3).

@@ -5,10 +5,10 @@
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::layers::{
-    load_linear, BlockDims, DoubleStreamBlock, EmbedNd, LastLayer, MlpEmbedder, SingleStreamBlock,
+    BlockDims, DoubleStreamBlock, EmbedNd, LastLayer, MlpEmbedder, SingleStreamBlock,
     TIME_EMBED_DIM,
 };
-use crate::weights::WeightSource;
+use crate::weights::{load_linear, WeightSource};
 use kontext_loader::{FluxConfig, Transformer};
 
 /// Called with each stage's name and its values (row-major): `vec` `[1, D]`, `img_in` `[Ni, D]`,
@@ -61,7 +61,9 @@ pub struct Flux<B: Backend> {
     pub final_layer: LastLayer<B>,
 }
 
-fn observe<B: Backend>(
+/// Calls `hook` with a stage's values, downloaded (only when there is a hook). Every model's
+/// forward (transformer, autoencoder, text encoders) reports its stages through it.
+pub(crate) fn observe<B: Backend>(
     b: &B,
     hook: &mut Option<StageHook<'_>>,
     name: impl FnOnce() -> String,

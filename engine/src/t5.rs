@@ -5,35 +5,9 @@
 
 use crate::encoder_backend::EncoderBackend;
 use crate::error::{shape_err, EngineError, Result};
-use crate::model::StageHook;
-use crate::vae::observe;
-use crate::weights::{HostWeight, WeightSource};
+use crate::model::{observe, StageHook};
+use crate::weights::{load_linear, load_stacked, load_vector, weight, WeightSource};
 use kontext_loader::{T5Config, T5};
-
-/// `weight` of `key` with the shape the config implies.
-fn weight(src: &dyn WeightSource, key: &str, shape: &[usize]) -> Result<HostWeight> {
-    let w = src.weight(key)?;
-    w.expect_shape(key, shape)?;
-    Ok(w)
-}
-
-/// Bias-free linears `keys` (each `[out, inp]`) stacked into one `[n·out, inp]` linear.
-fn load_stacked<B: EncoderBackend>(
-    b: &B,
-    src: &dyn WeightSource,
-    keys: &[String],
-    (out, inp): (usize, usize),
-) -> Result<B::Linear> {
-    let mut data = Vec::with_capacity(keys.len() * out * inp);
-    for k in keys {
-        data.extend(weight(src, k, &[out, inp])?.data);
-    }
-    let w = HostWeight {
-        shape: vec![keys.len() * out, inp],
-        data,
-    };
-    b.load_linear(&keys.join("+"), w, None)
-}
 
 /// HF `T5Attention._relative_position_bucket`, bidirectional: the bucket of `rel = key − query`.
 /// Half the buckets for each sign; within a half, exact buckets below `max_exact = half/2`, then
@@ -128,27 +102,20 @@ impl<B: EncoderBackend> T5Encoder<B> {
         validate(&config)?;
         let (b, c) = (&backend, &config);
         let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
-        let vector = |key: String| -> Result<B::Vector> {
-            let w = weight(src, &key, &[d])?;
-            b.load_vector(&key, w)
-        };
         let blocks = (0..c.num_layers)
             .map(|i| {
                 let p = format!("encoder.block.{i}.layer");
                 let a = format!("{p}.0.SelfAttention");
                 let f = format!("{p}.1.DenseReluDense");
-                let qkv: Vec<String> = ["q", "k", "v"]
-                    .iter()
-                    .map(|n| format!("{a}.{n}.weight"))
-                    .collect();
-                let wi = [format!("{f}.wi_0.weight"), format!("{f}.wi_1.weight")];
+                let qkv: Vec<String> = ["q", "k", "v"].iter().map(|n| format!("{a}.{n}")).collect();
+                let wi = [format!("{f}.wi_0"), format!("{f}.wi_1")];
                 Ok(T5Block {
-                    attn_norm: vector(format!("{p}.0.layer_norm.weight"))?,
-                    qkv: load_stacked(b, src, &qkv, (inner, d))?,
-                    o: load_stacked(b, src, &[format!("{a}.o.weight")], (d, inner))?,
-                    ff_norm: vector(format!("{p}.1.layer_norm.weight"))?,
-                    wi: load_stacked(b, src, &wi, (c.d_ff, d))?,
-                    wo: load_stacked(b, src, &[format!("{f}.wo.weight")], (d, c.d_ff))?,
+                    attn_norm: load_vector(b, src, &format!("{p}.0.layer_norm.weight"), d)?,
+                    qkv: load_stacked(b, src, &qkv, &[inner, d], false)?,
+                    o: load_linear(b, src, &format!("{a}.o"), d, inner, false)?,
+                    ff_norm: load_vector(b, src, &format!("{p}.1.layer_norm.weight"), d)?,
+                    wi: load_stacked(b, src, &wi, &[c.d_ff, d], false)?,
+                    wo: load_linear(b, src, &format!("{f}.wo"), d, c.d_ff, false)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -162,7 +129,7 @@ impl<B: EncoderBackend> T5Encoder<B> {
             )?
             .data,
             blocks,
-            final_layer_norm: vector("encoder.final_layer_norm.weight".into())?,
+            final_layer_norm: load_vector(b, src, "encoder.final_layer_norm.weight", d)?,
             config,
             backend,
         })

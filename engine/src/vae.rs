@@ -8,33 +8,12 @@
 
 use crate::encoder_backend::{EncoderBackend, Pad};
 use crate::error::{EngineError, Result};
-use crate::model::StageHook;
-use crate::weights::{HostWeight, WeightSource};
+use crate::model::{observe, StageHook};
+use crate::weights::{load_stacked, load_vector, weight, WeightSource};
 use kontext_loader::{Vae, VaeConfig};
 
 /// GroupNorm epsilon of every norm in the autoencoder (spec 4.2).
 pub const GROUP_NORM_EPS: f32 = 1e-6;
-
-/// Calls `hook` with a stage's values, downloaded (only when there is a hook).
-pub(crate) fn observe<B: EncoderBackend>(
-    b: &B,
-    hook: &mut Option<StageHook<'_>>,
-    name: impl FnOnce() -> String,
-    x: &B::Tensor,
-) -> Result<()> {
-    if let Some(h) = hook.as_mut() {
-        let data = b.download(x)?;
-        h(&name(), &data);
-    }
-    Ok(())
-}
-
-/// `weight` of `name` with the shape the config implies.
-fn weight(src: &dyn WeightSource, key: &str, shape: &[usize]) -> Result<HostWeight> {
-    let w = src.weight(key)?;
-    w.expect_shape(key, shape)?;
-    Ok(w)
-}
 
 /// Convolution `name` with `.weight [cout, cin, k, k]` and `.bias [cout]`.
 fn load_conv<B: EncoderBackend>(
@@ -46,33 +25,6 @@ fn load_conv<B: EncoderBackend>(
     let w = weight(src, &format!("{name}.weight"), &[cout, cin, k, k])?;
     let bias = weight(src, &format!("{name}.bias"), &[cout])?;
     b.load_conv(name, w, Some(bias))
-}
-
-/// 1×1 convolutions `names` (each `[c, cin, 1, 1]` + bias `[c]`) stacked into one linear
-/// `[n·c, cin]`: the attention's q, k, v become one GEMM, like the transformer's fused qkv.
-fn load_1x1<B: EncoderBackend>(
-    b: &B,
-    src: &dyn WeightSource,
-    names: &[String],
-    (c, cin): (usize, usize),
-) -> Result<B::Linear> {
-    let (mut w, mut bias) = (Vec::new(), Vec::new());
-    for n in names {
-        w.extend(weight(src, &format!("{n}.weight"), &[c, cin, 1, 1])?.data);
-        bias.extend(weight(src, &format!("{n}.bias"), &[c])?.data);
-    }
-    let rows = names.len() * c;
-    b.load_linear(
-        &names.join("+"),
-        HostWeight {
-            shape: vec![rows, cin],
-            data: w,
-        },
-        Some(HostWeight {
-            shape: vec![rows],
-            data: bias,
-        }),
-    )
 }
 
 /// `GroupNorm(groups, c)` with affine weight and bias `[c]`.
@@ -87,12 +39,10 @@ pub struct GroupNorm<B: EncoderBackend> {
 
 impl<B: EncoderBackend> GroupNorm<B> {
     fn load(b: &B, src: &dyn WeightSource, name: &str, c: usize, groups: usize) -> Result<Self> {
-        let w = format!("{name}.weight");
-        let bi = format!("{name}.bias");
         Ok(GroupNorm {
             groups,
-            weight: b.load_vector(&w, weight(src, &w, &[c])?)?,
-            bias: b.load_vector(&bi, weight(src, &bi, &[c])?)?,
+            weight: load_vector(b, src, &format!("{name}.weight"), c)?,
+            bias: load_vector(b, src, &format!("{name}.bias"), c)?,
         })
     }
 
@@ -133,11 +83,12 @@ impl<B: EncoderBackend> ResnetBlock<B> {
         groups: usize,
     ) -> Result<Self> {
         let nin_shortcut = if cin != cout {
-            Some(load_1x1(
+            Some(load_stacked(
                 b,
                 src,
                 &[format!("{name}.nin_shortcut")],
-                (cout, cin),
+                &[cout, cin, 1, 1],
+                true,
             )?)
         } else {
             None
@@ -186,8 +137,8 @@ impl<B: EncoderBackend> AttnBlock<B> {
             .collect();
         Ok(AttnBlock {
             norm: GroupNorm::load(b, src, &format!("{name}.norm"), c, groups)?,
-            qkv: load_1x1(b, src, &qkv, (c, c))?,
-            proj_out: load_1x1(b, src, &[format!("{name}.proj_out")], (c, c))?,
+            qkv: load_stacked(b, src, &qkv, &[c, c, 1, 1], true)?,
+            proj_out: load_stacked(b, src, &[format!("{name}.proj_out")], &[c, c, 1, 1], true)?,
             channels: c,
         })
     }

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+use crate::backend::Backend;
 use crate::error::{EngineError, Result};
 use crate::random::Rng;
 use kontext_loader::{Component, FluxConfig};
@@ -51,6 +52,73 @@ impl WeightSource for Component {
     fn has(&self, key: &str) -> bool {
         self.weights.contains_key(key)
     }
+}
+
+/// The weight `key` of `src`, checked to have `shape`.
+pub(crate) fn weight(src: &dyn WeightSource, key: &str, shape: &[usize]) -> Result<HostWeight> {
+    let w = src.weight(key)?;
+    w.expect_shape(key, shape)?;
+    Ok(w)
+}
+
+/// Loads `{name}.weight [out, inp]` and, when `bias`, `{name}.bias [out]`.
+pub(crate) fn load_linear<B: Backend>(
+    b: &B,
+    src: &dyn WeightSource,
+    name: &str,
+    out: usize,
+    inp: usize,
+    bias: bool,
+) -> Result<B::Linear> {
+    let w = weight(src, &format!("{name}.weight"), &[out, inp])?;
+    let bias = if bias {
+        Some(weight(src, &format!("{name}.bias"), &[out])?)
+    } else {
+        None
+    };
+    b.load_linear(name, w, bias)
+}
+
+/// Linears `names` stacked along their outputs into one `[n·out, inp]` linear (the encoders'
+/// fused q, k, v; T5's `[wi_0; wi_1]`): each `{name}.weight` of `shape` (`[out, inp]`, or
+/// `[out, inp, 1, 1]` for a 1×1 convolution) and, when `bias`, each `{name}.bias [out]`.
+pub(crate) fn load_stacked<B: Backend>(
+    b: &B,
+    src: &dyn WeightSource,
+    names: &[String],
+    shape: &[usize],
+    bias: bool,
+) -> Result<B::Linear> {
+    let (out, inp) = (shape[0], shape[1..].iter().product::<usize>());
+    let (mut w, mut bv) = (Vec::new(), Vec::new());
+    for n in names {
+        w.extend(weight(src, &format!("{n}.weight"), shape)?.data);
+        if bias {
+            bv.extend(weight(src, &format!("{n}.bias"), &[out])?.data);
+        }
+    }
+    let rows = names.len() * out;
+    b.load_linear(
+        &names.join("+"),
+        HostWeight {
+            shape: vec![rows, inp],
+            data: w,
+        },
+        bias.then_some(HostWeight {
+            shape: vec![rows],
+            data: bv,
+        }),
+    )
+}
+
+/// Loads the vector `key [n]`.
+pub(crate) fn load_vector<B: Backend>(
+    b: &B,
+    src: &dyn WeightSource,
+    key: &str,
+    n: usize,
+) -> Result<B::Vector> {
+    b.load_vector(key, weight(src, key, &[n])?)
 }
 
 /// In-memory weights, e.g. from [`random_weights`] or a test that alters a loaded model.

@@ -1,40 +1,14 @@
 //! Every CPU op against a naive f64 formula on random inputs, odd sizes included
 //! (ggml `test-backend-ops` style; the CUDA backend is later checked against these same ops).
 
-use kontext_engine::check::{compare, tol};
+mod common;
+
+use common::{assert_close, attention_ref, gelu_tanh_ref, host, ln_ref, rand, rms_ref, silu_ref};
 use kontext_engine::layers::{gelu_tanh, silu};
 use kontext_engine::random::Rng;
-use kontext_engine::{timestep_embedding, Backend, CpuBackend, CpuTensor, EmbedNd, HostWeight};
+use kontext_engine::{timestep_embedding, Backend, CpuBackend, CpuTensor, EmbedNd};
 
 const B: CpuBackend = CpuBackend;
-
-fn rand(rng: &mut Rng, rows: usize, cols: usize) -> CpuTensor {
-    CpuTensor::new(rows, cols, rng.normals(rows * cols)).unwrap()
-}
-
-fn host(shape: &[usize], data: Vec<f32>) -> HostWeight {
-    HostWeight {
-        shape: shape.to_vec(),
-        data,
-    }
-}
-
-/// Compares at the f32 tolerance, printing the row, and fails with the op's name.
-fn assert_close(op: &str, out: &[f32], reference: &[f64]) {
-    let r: Vec<f32> = reference.iter().map(|&v| v as f32).collect();
-    let c = compare(out, &r, tol::F32);
-    println!("{op:<40} {}", c.row());
-    assert!(c.passes(), "{op}: {c:?}");
-}
-
-fn ln_ref(x: &[f32]) -> Vec<f64> {
-    let d = x.len() as f64;
-    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d;
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d;
-    x.iter()
-        .map(|&v| (v as f64 - mean) / (var + 1e-6).sqrt())
-        .collect()
-}
 
 #[test]
 fn linear_matches_naive_matmul() {
@@ -90,25 +64,10 @@ fn linear_matches_naive_matmul() {
 fn elementwise_ops_match_formulas() {
     let mut rng = Rng::new(12);
     let x = rand(&mut rng, 9, 31);
-    let silu_ref: Vec<f64> = x
-        .data
-        .iter()
-        .map(|&v| {
-            let v = v as f64;
-            v / (1.0 + (-v).exp())
-        })
-        .collect();
-    assert_close("silu 9x31", &B.silu(&x).unwrap().data, &silu_ref);
-    let gelu_ref: Vec<f64> = x
-        .data
-        .iter()
-        .map(|&v| {
-            let v = v as f64;
-            0.5 * v
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
-        })
-        .collect();
-    assert_close("gelu_tanh 9x31", &B.gelu_tanh(&x).unwrap().data, &gelu_ref);
+    let silu_r: Vec<f64> = x.data.iter().map(|&v| silu_ref(v as f64)).collect();
+    assert_close("silu 9x31", &B.silu(&x).unwrap().data, &silu_r);
+    let gelu_r: Vec<f64> = x.data.iter().map(|&v| gelu_tanh_ref(v as f64)).collect();
+    assert_close("gelu_tanh 9x31", &B.gelu_tanh(&x).unwrap().data, &gelu_r);
     // scalar forms agree with the ops, and GELU is the tanh form, not erf
     assert_eq!(silu(x.data[3]), B.silu(&x).unwrap().data[3]);
     assert!((gelu_tanh(1.0) - 0.841_192).abs() < 1e-6);
@@ -146,7 +105,7 @@ fn norm_modulate_matches_layer_norm_formula() {
         let y = B.norm_modulate(&x, &shift, &scale).unwrap();
         let mut r = Vec::new();
         for row in x.data.chunks(d) {
-            for (i, n) in ln_ref(row).into_iter().enumerate() {
+            for (i, n) in ln_ref(row, 1e-6).into_iter().enumerate() {
                 r.push((1.0 + scale.data[i] as f64) * n + shift.data[i] as f64);
             }
         }
@@ -159,11 +118,10 @@ fn norm_modulate_matches_layer_norm_formula() {
 
 /// Naive QKNorm + RoPE on one head vector with explicit angles.
 fn qk_ref(x: &[f32], scale: &[f32], angles: &[f64]) -> Vec<f64> {
-    let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len() as f64;
-    let n: Vec<f64> = x
-        .iter()
+    let n: Vec<f64> = rms_ref(x, 1e-6)
+        .into_iter()
         .zip(scale)
-        .map(|(&v, &s)| v as f64 / (ms + 1e-6).sqrt() * s as f64)
+        .map(|(v, &s)| v * s as f64)
         .collect();
     let mut out = vec![0.0; x.len()];
     for (j, &a) in angles.iter().enumerate() {
@@ -262,29 +220,7 @@ fn attention_matches_naive_softmax() {
         let x = rand(&mut rng, l, w);
         let y = B.attention(&x, heads, hd).unwrap();
         assert_eq!((y.rows, y.cols), (l, d));
-        let mut r = vec![0.0f64; l * d];
-        let scale = 1.0 / (hd as f64).sqrt();
-        let at = |t: usize, c: usize| x.data[t * w + c] as f64;
-        for h in 0..heads {
-            for i in 0..l {
-                let logits: Vec<f64> = (0..l)
-                    .map(|j| {
-                        (0..hd)
-                            .map(|e| at(i, h * hd + e) * at(j, d + h * hd + e))
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = logits.iter().map(|v| (v - m).exp()).collect();
-                let z: f64 = p.iter().sum();
-                for e in 0..hd {
-                    r[i * d + h * hd + e] = (0..l)
-                        .map(|j| p[j] / z * at(j, 2 * d + h * hd + e))
-                        .sum::<f64>();
-                }
-            }
-        }
+        let r = attention_ref(&x, (heads, hd), 1.0 / (hd as f64).sqrt(), None, false);
         assert_close(
             &format!("attention L={l} H={heads} Dh={hd} W={w}"),
             &y.data,

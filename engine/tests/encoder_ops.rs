@@ -2,31 +2,14 @@
 //! sizes included (ggml `test-backend-ops` style: the CUDA backend is later checked against
 //! these same CPU ops). Run with `--nocapture` for the table.
 
-use kontext_engine::check::{compare, tol};
+mod common;
+
+use common::{assert_close, attention_ref, gelu_tanh_ref, host, ln_ref, rand, rms_ref, silu_ref};
 use kontext_engine::encoder_backend::{EncoderBackend, Pad};
 use kontext_engine::random::Rng;
-use kontext_engine::{CpuBackend, CpuTensor, HostWeight};
+use kontext_engine::CpuBackend;
 
 const B: CpuBackend = CpuBackend;
-
-fn rand(rng: &mut Rng, rows: usize, cols: usize) -> CpuTensor {
-    CpuTensor::new(rows, cols, rng.normals(rows * cols)).expect("shape")
-}
-
-fn host(shape: &[usize], data: Vec<f32>) -> HostWeight {
-    HostWeight {
-        shape: shape.to_vec(),
-        data,
-    }
-}
-
-/// Compares at the f32 tolerance, printing the row, and fails with the op's name.
-fn assert_close(op: &str, out: &[f32], reference: &[f64]) {
-    let r: Vec<f32> = reference.iter().map(|&v| v as f32).collect();
-    let c = compare(out, &r, tol::F32);
-    println!("{op:<52} {}", c.row());
-    assert!(c.passes(), "{op}: {c:?}");
-}
 
 #[test]
 fn conv2d_matches_the_definition() {
@@ -138,7 +121,7 @@ fn group_norm_matches_the_definition() {
                     let v = (x.data[p * c + ch] as f64 - mean) / (var + 1e-6).sqrt()
                         * wt[ch] as f64
                         + bv[ch] as f64;
-                    r[p * c + ch] = if act { v / (1.0 + (-v).exp()) } else { v };
+                    r[p * c + ch] = if act { silu_ref(v) } else { v };
                 }
             }
         }
@@ -176,16 +159,11 @@ fn layer_and_rms_norm_match_the_definition() {
         let rms = B.rms_norm(&x, &wt, 1e-6).expect("rms_norm");
         let (mut rl, mut rr) = (vec![0f64; l * d], vec![0f64; l * d]);
         for i in 0..l {
-            let row: Vec<f64> = x.data[i * d..(i + 1) * d]
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            let mean = row.iter().sum::<f64>() / d as f64;
-            let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
-            let ms = row.iter().map(|v| v * v).sum::<f64>() / d as f64;
+            let row = &x.data[i * d..(i + 1) * d];
+            let (n, rn) = (ln_ref(row, 1e-5), rms_ref(row, 1e-6));
             for j in 0..d {
-                rl[i * d + j] = (row[j] - mean) / (var + 1e-5).sqrt() * wt[j] as f64 + bv[j] as f64;
-                rr[i * d + j] = row[j] / (ms + 1e-6).sqrt() * wt[j] as f64;
+                rl[i * d + j] = n[j] * wt[j] as f64 + bv[j] as f64;
+                rr[i * d + j] = rn[j] * wt[j] as f64;
             }
         }
         assert_close(&format!("layer_norm [{l}, {d}]"), &ln.data, &rl);
@@ -210,33 +188,7 @@ fn masked_attention_matches_the_definition() {
         let y = B
             .attention_masked(&qkv, nh, hd, scale, bt.as_ref(), causal)
             .expect("attention_masked");
-        let mut r = vec![0f64; l * d];
-        for h in 0..nh {
-            for i in 0..l {
-                let keys = if causal { i + 1 } else { l };
-                let s: Vec<f64> = (0..keys)
-                    .map(|j| {
-                        let dot: f64 = (0..hd)
-                            .map(|e| {
-                                qkv.data[i * w + h * hd + e] as f64
-                                    * qkv.data[j * w + d + h * hd + e] as f64
-                            })
-                            .sum();
-                        scale as f64 * dot
-                            + bt.as_ref()
-                                .map_or(0.0, |b| b.data[(h * l + i) * l + j] as f64)
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
-                let z: f64 = e.iter().sum();
-                for t in 0..hd {
-                    r[i * d + h * hd + t] = (0..keys)
-                        .map(|j| e[j] / z * qkv.data[j * w + 2 * d + h * hd + t] as f64)
-                        .sum();
-                }
-            }
-        }
+        let r = attention_ref(&qkv, (nh, hd), scale as f64, bt.as_ref(), causal);
         assert_close(
             &format!("attention_masked L{l} {nh}×{hd} scale {scale} bias {bias} causal {causal}"),
             &y.data,
@@ -253,10 +205,7 @@ fn elementwise_ops_match_the_definition() {
     let mut r = vec![0f64; 5 * 7];
     for i in 0..5 {
         for j in 0..7 {
-            let a = x.data[i * 14 + j] as f64;
-            let gelu = 0.5
-                * a
-                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a.powi(3))).tanh());
+            let gelu = gelu_tanh_ref(x.data[i * 14 + j] as f64);
             r[i * 7 + j] = gelu * x.data[i * 14 + 7 + j] as f64;
         }
     }

@@ -1,1 +1,206 @@
-//! kontext-kernels
+//! kontext-kernels: the CUDA kernels of kontext-fast and their typed launchers.
+//!
+//! - `kernels/cuda/<family>.cu`: CUDA C, one family per file, bf16 activations, f32 math,
+//!   compiled at run time by NVRTC for the GPU in use ([`nvrtc`]) and cached on disk
+//!   ([`cache`]); `common.cuh` is the only shared code.
+//! - `kernels/src/<family>.rs`: the family's launchers, methods of [`Kernels`]. Each validates
+//!   shapes, types, alignment and aliasing in pure Rust (unit-tested without a GPU) before its
+//!   `unsafe` launch.
+//! - [`Kernels::load`] compiles or loads every family and resolves every function once, at
+//!   start-up.
+//! - Building blocks for the engine's CUDA backend: [`gpu::Gpu`] (context, stream, counted
+//!   allocations, [`gpu::DeviceMat`]), [`arena::Pool`] and [`arena::Arena`] (activations from
+//!   one allocation planned per request),
+//!   [`gemm::Gemm`] (cuBLASLt, bias in the epilogue), [`weights`] (upload from the checkpoint's
+//!   bytes; fp8 stays fp8 with its scale).
+//! - [`probe::cuda_available`] says whether there is a usable GPU without panicking.
+//!
+//! Nothing here links CUDA at build time (cudarc with dynamic loading): the crate builds and its
+//! tests run on machines without a GPU or a CUDA toolkit.
+
+pub mod arena;
+pub mod attention;
+pub mod cache;
+pub mod conv;
+pub mod desc;
+pub mod elementwise;
+pub mod error;
+pub mod fp8;
+pub mod gemm;
+pub mod gpu;
+pub mod group_norm;
+pub mod launch;
+pub mod libs;
+pub mod norm_modulate;
+pub mod nvrtc;
+pub mod probe;
+pub mod qk_norm_rope;
+pub mod weights;
+
+pub use desc::{DType, MatDesc};
+pub use error::{KernelError, Result};
+pub use gpu::{DeviceMat, Gpu};
+pub use probe::{cuda_available, DeviceInfo};
+
+use cache::{CacheKey, ModuleCache};
+use cudarc::driver::CudaModule;
+use cudarc::nvrtc::Ptx;
+use launch::{Launch, Loaded};
+use nvrtc::Nvrtc;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use launch::{Arg, Kernel};
+
+/// One kernel family: its source and the `extern "C"` kernels it defines, with their parameter
+/// kinds.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    pub name: &'static str,
+    pub source: &'static str,
+    pub kernels: &'static [Kernel],
+}
+
+/// The header every family includes.
+pub const COMMON_CUH: &str = include_str!("../cuda/common.cuh");
+
+/// Every kernel family (what the NVRTC test compiles; `Kernels::load` loads the same seven).
+pub const FAMILIES: [Family; 7] = [
+    norm_modulate::FAMILY,
+    qk_norm_rope::FAMILY,
+    attention::FAMILY,
+    elementwise::FAMILY,
+    fp8::FAMILY,
+    conv::FAMILY,
+    group_norm::FAMILY,
+];
+
+/// What [`Kernels::load`] did, for the start-up log and the GPU check.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub arch: String,
+    pub nvrtc_version: (i32, i32),
+    pub include_dir: String,
+    /// Families compiled by NVRTC this time.
+    pub compiled: Vec<&'static str>,
+    /// Families loaded from the on-disk cache.
+    pub cached: Vec<&'static str>,
+    /// NVRTC logs of families that compiled with warnings, and cache write failures.
+    pub warnings: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Every kernel function, resolved once at start-up, with the GPU they launch on.
+pub struct Kernels {
+    pub gpu: Arc<Gpu>,
+    pub report: LoadReport,
+    norm: norm_modulate::Functions,
+    qk: qk_norm_rope::Functions,
+    attn: attention::Functions,
+    ew: elementwise::Functions,
+    fp8: fp8::Functions,
+    conv: conv::Functions,
+    gn: group_norm::Functions,
+}
+
+/// Kernel `name` of `family` from its module, with its signature.
+pub(crate) fn function(
+    m: &Arc<CudaModule>,
+    family: &'static Family,
+    name: &'static str,
+) -> Result<Loaded> {
+    let sig = family
+        .kernels
+        .iter()
+        .find(|k| k.name == name)
+        .ok_or_else(|| KernelError::Shape {
+            op: "resolve",
+            msg: format!("internal: {}.cu lists no kernel {name}", family.name),
+        })?;
+    let func = m.load_function(name).map_err(|e| {
+        error::driver_err(format!("cuModuleGetFunction {}::{name}", family.name), e)
+    })?;
+    Ok(Loaded { func, sig })
+}
+
+impl Kernels {
+    /// Compiles (or loads from the cache) every family for `gpu`'s architecture and resolves
+    /// every kernel function. Needs NVRTC and the CUDA headers (see [`libs`]).
+    pub fn load(gpu: &Arc<Gpu>) -> Result<Kernels> {
+        let start = Instant::now();
+        let nvrtc = Nvrtc::load()?;
+        let cache = ModuleCache::from_env();
+        let mut report = LoadReport {
+            arch: gpu.info.arch(),
+            nvrtc_version: nvrtc.version,
+            include_dir: nvrtc.include_dir.display().to_string(),
+            ..LoadReport::default()
+        };
+        let mut load = |family: &Family| load_family(gpu, &nvrtc, &cache, family, &mut report);
+        let norm = norm_modulate::Functions::resolve(&load(&norm_modulate::FAMILY)?)?;
+        let qk = qk_norm_rope::Functions::resolve(&load(&qk_norm_rope::FAMILY)?)?;
+        let attn = attention::Functions::resolve(&load(&attention::FAMILY)?)?;
+        let ew = elementwise::Functions::resolve(&load(&elementwise::FAMILY)?)?;
+        let fp8 = fp8::Functions::resolve(&load(&fp8::FAMILY)?)?;
+        let conv = conv::Functions::resolve(&load(&conv::FAMILY)?)?;
+        let gn = group_norm::Functions::resolve(&load(&group_norm::FAMILY)?)?;
+        report.seconds = start.elapsed().as_secs_f64();
+        Ok(Kernels {
+            gpu: gpu.clone(),
+            norm,
+            qk,
+            attn,
+            ew,
+            fp8,
+            conv,
+            gn,
+            report,
+        })
+    }
+
+    /// A checked argument builder for `k` on the GPU's stream.
+    pub(crate) fn launch<'a>(&'a self, k: &'a Loaded) -> Launch<'a> {
+        Launch::new(&self.gpu, k)
+    }
+}
+
+/// The module of one family: from the cache when its cubin loads, else compiled (and cached).
+fn load_family(
+    gpu: &Arc<Gpu>,
+    nvrtc: &Nvrtc,
+    cache: &ModuleCache,
+    family: &Family,
+    report: &mut LoadReport,
+) -> Result<Arc<CudaModule>> {
+    let arch = report.arch.clone();
+    let key = CacheKey::new(
+        family.name,
+        family.source,
+        COMMON_CUH,
+        &nvrtc.options(&arch),
+        &arch,
+        nvrtc.version,
+    );
+    if let Some(cubin) = cache.get(&key) {
+        match gpu.context().load_module(Ptx::from_binary(cubin)) {
+            Ok(m) => {
+                report.cached.push(family.name);
+                return Ok(m);
+            }
+            Err(_) => cache.remove(&key), // damaged or foreign: compile afresh
+        }
+    }
+    let compiled = nvrtc.compile(family, &arch)?;
+    if !compiled.log.is_empty() {
+        report
+            .warnings
+            .push(format!("{}.cu ({arch}): {}", family.name, compiled.log));
+    }
+    if let Err(e) = cache.put(&key, &compiled.cubin) {
+        report.warnings.push(e.to_string());
+    }
+    report.compiled.push(family.name);
+    gpu.context()
+        .load_module(Ptx::from_binary(compiled.cubin))
+        .map_err(|e| error::driver_err(format!("cuModuleLoadData {}.cu ({arch})", family.name), e))
+}

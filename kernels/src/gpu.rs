@@ -1,0 +1,555 @@
+//! The GPU: one context, one stream, counted device allocations, and device matrices.
+//!
+//! Every byte of device memory the engine uses comes from [`Gpu::alloc`], which counts
+//! allocations, so a check can assert that the denoising loop allocates nothing (the loop's
+//! activations come from an [`Arena`](crate::arena::Arena) allocated once). All work runs on one
+//! non-blocking stream, in order, so kernels never race each other; host reads synchronise it.
+//! `KONTEXT_CUDA_SYNC=1` synchronises after every launch, so a fault is reported by the kernel
+//! that caused it.
+
+use crate::arena::PoolRegion;
+use crate::desc::{DType, MatDesc};
+use crate::error::{driver_err, shape_err, KernelError, Result};
+use crate::probe::{device_info, DeviceInfo};
+use cudarc::driver::{result, sys, CudaContext, CudaStream};
+use half::bf16;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Alignment of every allocation and arena region: enough for 16-byte vector loads and for
+/// cuBLASLt's preferred 256-byte alignment.
+pub const ALIGN: usize = 256;
+
+/// One CUDA device, its stream and the allocation counters.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pub info: DeviceInfo,
+    allocations: AtomicU64,
+    allocated_bytes: AtomicU64,
+    sync_each_launch: bool,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("info", &self.info)
+            .field("allocations", &self.allocations())
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens GPU `ordinal` after probing for it: no driver, no device or a pre-sm_80 device is
+    /// an error, never a panic.
+    pub fn new(ordinal: usize) -> Result<Arc<Gpu>> {
+        let info = device_info(ordinal).map_err(KernelError::NoGpu)?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("CudaContext::new", e))?;
+        // SAFETY: event tracking orders cudarc's own CudaSlice buffers across streams. This
+        // crate never hands CudaSlices to kernels (it passes raw pointers of its own
+        // allocations) and runs everything on one stream, so there is nothing to track.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_err("cuStreamCreate", e))?;
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            info,
+            allocations: AtomicU64::new(0),
+            allocated_bytes: AtomicU64::new(0),
+            sync_each_launch: std::env::var("KONTEXT_CUDA_SYNC").as_deref() == Ok("1"),
+        }))
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every kernel and copy of this crate runs on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device allocations made so far through [`Gpu::alloc`] (the denoising loop must not add
+    /// any).
+    pub fn allocations(&self) -> u64 {
+        self.allocations.load(Ordering::Relaxed)
+    }
+
+    /// Bytes allocated so far (never decreases).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated_bytes.load(Ordering::Relaxed)
+    }
+
+    /// `(free, total)` device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .mem_get_info()
+            .map_err(|e| driver_err("cuMemGetInfo", e))
+    }
+
+    /// Waits for all work queued on the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("cuStreamSynchronize", e))
+    }
+
+    /// After a launch: with `KONTEXT_CUDA_SYNC=1`, waits for it and names the kernel on a fault.
+    pub(crate) fn launched(&self, kernel: &str) -> Result<()> {
+        if self.sync_each_launch {
+            self.stream
+                .synchronize()
+                .map_err(|e| driver_err(format!("kernel {kernel} (KONTEXT_CUDA_SYNC=1)"), e))?;
+        }
+        Ok(())
+    }
+
+    /// `bytes` of uninitialised device memory (one counted allocation; none for 0 bytes).
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<Arc<DeviceAlloc>> {
+        if bytes == 0 {
+            return Ok(Arc::new(DeviceAlloc {
+                ptr: 0,
+                bytes: 0,
+                gpu: self.clone(),
+            }));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("cuCtxSetCurrent", e))?;
+        // SAFETY: a plain allocation; the memory is uninitialised, which is fine for bytes.
+        let ptr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
+            driver_err(
+                format!("cuMemAlloc of {bytes} bytes"),
+                format!("{e:?} (free/total: {:?})", self.mem_info().ok()),
+            )
+        })?;
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+        self.allocated_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(Arc::new(DeviceAlloc {
+            ptr,
+            bytes,
+            gpu: self.clone(),
+        }))
+    }
+
+    /// A new contiguous `[rows, cols]` matrix of `dtype` (one counted allocation).
+    pub fn alloc_mat(
+        self: &Arc<Self>,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<DeviceMat> {
+        let mem = self.alloc(rows * cols * dtype.size())?;
+        DeviceMat::new(mem, 0, rows, cols, cols, dtype)
+    }
+
+    /// Uploads host f32 `[rows, cols]` as a new bf16 matrix (rounded to nearest even).
+    pub fn upload_bf16(
+        self: &Arc<Self>,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<DeviceMat> {
+        let m = self.alloc_mat(DType::Bf16, rows, cols)?;
+        self.write_f32(&m, data)?;
+        Ok(m)
+    }
+
+    /// Uploads host f32 `[rows, cols]` as a new f32 matrix.
+    pub fn upload_f32(
+        self: &Arc<Self>,
+        data: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<DeviceMat> {
+        let m = self.alloc_mat(DType::F32, rows, cols)?;
+        self.write_f32(&m, data)?;
+        Ok(m)
+    }
+
+    /// Uploads raw little-endian element bytes as a new `[rows, cols]` matrix of `dtype`.
+    pub fn upload_bytes(
+        self: &Arc<Self>,
+        bytes: &[u8],
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<DeviceMat> {
+        let m = self.alloc_mat(dtype, rows, cols)?;
+        self.write_bytes(&m, bytes)?;
+        Ok(m)
+    }
+
+    /// Writes host f32 values into `dst` (bf16: rounded; f32: as is), no allocation.
+    pub fn write_f32(&self, dst: &DeviceMat, data: &[f32]) -> Result<()> {
+        let bytes: Vec<u8> = match dst.dtype() {
+            DType::Bf16 => data
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            other => {
+                return Err(shape_err(
+                    "write_f32",
+                    format!("cannot write f32 values into a {other} matrix"),
+                ))
+            }
+        };
+        self.write_bytes(dst, &bytes)
+    }
+
+    /// Writes raw element bytes (row-major, `rows·cols` elements) into `dst`, no allocation.
+    pub fn write_bytes(&self, dst: &DeviceMat, bytes: &[u8]) -> Result<()> {
+        let d = dst.desc();
+        let row_bytes = d.cols * d.dtype.size();
+        if bytes.len() != d.rows * row_bytes {
+            return Err(shape_err(
+                "write_bytes",
+                format!("{} bytes for {}", bytes.len(), d.show()),
+            ));
+        }
+        self.bind()?;
+        // A contiguous matrix is one copy; a strided view one copy per row.
+        let (rows, row_bytes) = if d.ld == d.cols {
+            (1, bytes.len())
+        } else {
+            (d.rows, row_bytes)
+        };
+        for (r, chunk) in bytes.chunks(row_bytes.max(1)).enumerate().take(rows) {
+            let addr = d.addr + (r * d.ld * d.dtype.size()) as u64;
+            // SAFETY: `dst` lies inside its allocation (checked by DeviceMat::new), so row r's
+            // `row_bytes` are device memory; the host chunk is live until the stream is
+            // synchronised below.
+            unsafe { result::memcpy_htod_async(addr, chunk, self.stream.cu_stream()) }
+                .map_err(|e| driver_err("cuMemcpyHtoDAsync", e))?;
+        }
+        self.synchronize()
+    }
+
+    /// Reads `src` back as row-major f32 (bf16 and fp8 are decoded exactly; fp8 without scale).
+    pub fn read_f32(&self, src: &DeviceMat) -> Result<Vec<f32>> {
+        let bytes = self.read_bytes(src)?;
+        Ok(match src.dtype() {
+            DType::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            DType::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                .collect(),
+            DType::F8E4M3 | DType::F8E5M2 => {
+                return Err(shape_err(
+                    "read_f32",
+                    "read fp8 weights with read_bytes (decoding needs the loader's table)",
+                ))
+            }
+        })
+    }
+
+    /// Reads `src` back as row-major element bytes.
+    pub fn read_bytes(&self, src: &DeviceMat) -> Result<Vec<u8>> {
+        let d = src.desc();
+        let row_bytes = d.cols * d.dtype.size();
+        let mut out = vec![0u8; d.rows * row_bytes];
+        self.bind()?;
+        let (rows, row_bytes) = if d.ld == d.cols {
+            (1, out.len())
+        } else {
+            (d.rows, row_bytes)
+        };
+        for (r, chunk) in out.chunks_mut(row_bytes.max(1)).enumerate().take(rows) {
+            let addr = d.addr + (r * d.ld * d.dtype.size()) as u64;
+            // SAFETY: as in write_bytes; `out` outlives the synchronisation below.
+            unsafe { result::memcpy_dtoh_async(chunk, addr, self.stream.cu_stream()) }
+                .map_err(|e| driver_err("cuMemcpyDtoHAsync", e))?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    /// Sets every byte of `dst`'s elements to `byte` (0xFF poisons bf16 and f32 with NaN), row
+    /// by row so the gaps of a strided view are untouched. Queued on the stream.
+    pub fn fill_bytes(&self, dst: &DeviceMat, byte: u8) -> Result<()> {
+        let d = dst.desc();
+        if d.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let size = d.dtype.size();
+        // SAFETY: rows × (cols·size) bytes at pitch ld·size all lie inside `dst`'s allocation.
+        unsafe {
+            sys::cuMemsetD2D8Async(
+                d.addr,
+                d.ld.max(d.cols) * size, // a single row's stride is unused; keep pitch ≥ width
+                byte,
+                d.cols * size,
+                d.rows,
+                self.stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(|e| driver_err("cuMemsetD2D8Async", e))
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("cuCtxSetCurrent", e))
+    }
+}
+
+/// One device allocation, freed when the last [`DeviceMat`] using it is dropped.
+pub struct DeviceAlloc {
+    ptr: u64,
+    bytes: usize,
+    gpu: Arc<Gpu>,
+}
+
+impl DeviceAlloc {
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+}
+
+impl std::fmt::Debug for DeviceAlloc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceAlloc({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        if self.ptr == 0 {
+            return;
+        }
+        // Queued kernels may still use the memory: wait for them first. Errors cannot be
+        // returned from drop; a failed free leaks, which is the safe direction.
+        let _ = self.gpu.bind();
+        let _ = self.gpu.synchronize();
+        // SAFETY: `ptr` came from cuMemAlloc, is freed once, and no queued work uses it any more.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// A row-major matrix in device memory: a region of a [`DeviceAlloc`] with shape, row stride and
+/// element type. Cloning and slicing share the memory (like views); the allocation lives as
+/// long as any of them. Launchers check operands for overlap, since two views may alias.
+#[derive(Clone)]
+pub struct DeviceMat {
+    mem: Arc<DeviceAlloc>,
+    /// The pool region this matrix lives in, returned to its pool when the last view drops.
+    region: Option<Arc<PoolRegion>>,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for DeviceMat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DeviceMat{}", self.desc().show())
+    }
+}
+
+impl DeviceMat {
+    /// `[rows, cols]` of `dtype` with row stride `ld`, starting `offset` bytes into `mem`;
+    /// errors unless the whole region lies inside the allocation and is element-aligned.
+    pub fn new(
+        mem: Arc<DeviceAlloc>,
+        offset: usize,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+        dtype: DType,
+    ) -> Result<DeviceMat> {
+        let m = DeviceMat {
+            mem,
+            region: None,
+            offset,
+            rows,
+            cols,
+            ld,
+            dtype,
+        };
+        region_in_bounds(&m.desc(), offset, m.mem.bytes)?;
+        Ok(m)
+    }
+
+    /// `[rows, cols]` of `dtype` at the start of a pool `region` of `mem` (contiguous).
+    pub(crate) fn in_region(
+        mem: Arc<DeviceAlloc>,
+        region: Arc<PoolRegion>,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Result<DeviceMat> {
+        let mut m = DeviceMat::new(mem, region.offset(), rows, cols, cols, dtype)?;
+        if m.desc().span_bytes() > region.bytes() {
+            return Err(shape_err(
+                "pool region",
+                format!("{} does not fit {} bytes", m.desc().show(), region.bytes()),
+            ));
+        }
+        m.region = Some(region);
+        Ok(m)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row stride in elements.
+    pub fn ld(&self) -> usize {
+        self.ld
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Operand description for launchers.
+    pub fn desc(&self) -> MatDesc {
+        MatDesc {
+            addr: self.mem.ptr + self.offset as u64,
+            rows: self.rows,
+            cols: self.cols,
+            ld: self.ld,
+            dtype: self.dtype,
+        }
+    }
+
+    /// Device address of the first element.
+    pub fn ptr(&self) -> u64 {
+        self.mem.ptr + self.offset as u64
+    }
+
+    /// The allocation this region belongs to.
+    pub fn alloc(&self) -> &Arc<DeviceAlloc> {
+        &self.mem
+    }
+
+    /// Rows `[begin, end)` as a view.
+    pub fn rows_range(&self, begin: usize, end: usize) -> Result<DeviceMat> {
+        if begin > end || end > self.rows {
+            return Err(shape_err(
+                "rows_range",
+                format!("rows [{begin}, {end}) of {}", self.desc().show()),
+            ));
+        }
+        self.view(
+            self.offset + begin * self.ld * self.dtype.size(),
+            end - begin,
+            self.cols,
+            self.ld,
+        )
+    }
+
+    /// Columns `[begin, end)` as a view (same row stride).
+    pub fn cols_range(&self, begin: usize, end: usize) -> Result<DeviceMat> {
+        if begin > end || end > self.cols {
+            return Err(shape_err(
+                "cols_range",
+                format!("columns [{begin}, {end}) of {}", self.desc().show()),
+            ));
+        }
+        self.view(
+            self.offset + begin * self.dtype.size(),
+            self.rows,
+            end - begin,
+            self.ld,
+        )
+    }
+
+    /// The same memory seen as `[rows, cols]` contiguous (only for contiguous matrices).
+    pub fn reshape(&self, rows: usize, cols: usize) -> Result<DeviceMat> {
+        if self.ld != self.cols && self.rows > 1 {
+            return Err(shape_err(
+                "reshape",
+                format!("{} is not contiguous", self.desc().show()),
+            ));
+        }
+        if rows * cols != self.rows * self.cols {
+            return Err(shape_err(
+                "reshape",
+                format!("{} cannot be [{rows}, {cols}]", self.desc().show()),
+            ));
+        }
+        self.view(self.offset, rows, cols, cols)
+    }
+
+    /// Another region of the same memory (and pool region), bounds-checked.
+    fn view(&self, offset: usize, rows: usize, cols: usize, ld: usize) -> Result<DeviceMat> {
+        let mut m = DeviceMat::new(self.mem.clone(), offset, rows, cols, ld, self.dtype)?;
+        m.region = self.region.clone();
+        Ok(m)
+    }
+}
+
+/// Checks that the region `d`, starting `offset` bytes into an allocation of `alloc_bytes`,
+/// lies inside it and is aligned to its elements.
+pub fn region_in_bounds(d: &MatDesc, offset: usize, alloc_bytes: usize) -> Result<()> {
+    if d.rows > 1 && d.ld < d.cols {
+        return Err(shape_err(
+            "device region",
+            format!("{} has a row stride below its width", d.show()),
+        ));
+    }
+    if offset % d.dtype.size() != 0 {
+        return Err(shape_err(
+            "device region",
+            format!(
+                "{} at byte offset {offset} is not element-aligned",
+                d.show()
+            ),
+        ));
+    }
+    let end = offset.checked_add(d.span_bytes());
+    if end.is_none_or(|e| e > alloc_bytes) {
+        return Err(shape_err(
+            "device region",
+            format!(
+                "{} at byte offset {offset} runs past its {alloc_bytes}-byte allocation",
+                d.show()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desc::tests::bf;
+
+    #[test]
+    fn regions_must_fit_their_allocation() {
+        assert!(region_in_bounds(&bf(0, 4, 8, 8), 0, 64).is_ok());
+        assert!(region_in_bounds(&bf(0, 4, 8, 8), 2, 64).is_err());
+        assert!(region_in_bounds(&bf(0, 4, 8, 8), 1, 1024).is_err()); // misaligned
+        assert!(region_in_bounds(&bf(0, 4, 8, 16), 0, 112).is_ok()); // (3·16 + 8)·2 bytes
+        assert!(region_in_bounds(&bf(0, 4, 8, 16), 0, 111).is_err());
+        assert!(region_in_bounds(&bf(0, 4, 8, 4), 0, 1 << 20).is_err()); // stride < width
+        assert!(region_in_bounds(&bf(0, 0, 8, 8), 64, 64).is_ok()); // empty at the end
+    }
+}
