@@ -2,12 +2,16 @@
 
 use kontext_loader::SchedulerConfig;
 
-/// `exp(mu) / (exp(mu) + (1/t − 1))` (sigma = 1); t = 0 stays 0.
+/// `exp(mu) / (exp(mu) + (1/t − 1))` (sigma = 1), written as `1 / (1 + (1/t − 1)·e^−mu)` so
+/// that no `mu` overflows; t = 0 stays 0 and t = 1 stays 1.
 pub fn time_shift(mu: f64, t: f64) -> f64 {
     if t <= 0.0 {
         return 0.0;
     }
-    mu.exp() / (mu.exp() + (1.0 / t - 1.0))
+    if t >= 1.0 {
+        return 1.0;
+    }
+    1.0 / (1.0 + (1.0 / t - 1.0) * (-mu).exp())
 }
 
 /// `num_steps + 1` times from 1 (noise) down to 0 (image), shifted for a target of
@@ -40,6 +44,15 @@ mod tests {
             assert!((g - w).abs() < 1.5e-6, "{g} vs {w}");
         }
         assert!((SchedulerConfig::default().mu(4096) - 1.15).abs() < 1e-12);
+    }
+
+    #[test]
+    fn extreme_shifts_stay_a_schedule() {
+        for mu in [-1e6, -50.0, 0.0, 50.0, 1e6] {
+            let s: Vec<f64> = (0..=10).map(|i| time_shift(mu, 1.0 - i as f64 / 10.0)).collect();
+            assert!(s.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)), "mu {mu}: {s:?}");
+            assert!(s.windows(2).all(|w| w[0] >= w[1]), "mu {mu}: {s:?}");
+        }
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn read_config(path: &Path) -> Result<ClipConfig> {
         num_heads: j.usize("num_attention_heads")?,
         num_layers: j.usize("num_hidden_layers")?,
         max_positions: j.usize("max_position_embeddings")?,
-        layer_norm_eps: j.f32_or("layer_norm_eps", 1e-5)?,
+        layer_norm_eps: j.eps_or("layer_norm_eps", 1e-5)?,
         hidden_act: j.str_or("hidden_act", "quick_gelu").to_string(),
         eos_token_id: j.usize_or("eos_token_id", 2)?,
     })
@@ -83,7 +83,7 @@ fn infer_config(set: &TensorSet, prefix: &str) -> Result<ClipConfig> {
         hidden_size,
         intermediate_size: s.dim("encoder.layers.0.mlp.fc1.weight", 0)?,
         num_heads: hidden_size / 64,
-        num_layers: s.count("encoder.layers."),
+        num_layers: s.count("encoder.layers.")?,
         max_positions: s.dim("embeddings.position_embedding.weight", 0)?,
         layer_norm_eps: 1e-5,
         hidden_act: "quick_gelu".into(),
@@ -114,6 +114,11 @@ pub fn load_clip(path: &Path) -> Result<Clip> {
     } else {
         (infer_config(&set, stored_prefix)?, "single file")
     };
+    Shapes {
+        set: &set,
+        prefix: stored_prefix,
+    }
+    .expect_count("encoder.layers.", config.num_layers, "num_hidden_layers")?;
     if config.num_heads == 0 || config.hidden_size % config.num_heads != 0 {
         return Err(config_err(
             path,

@@ -12,6 +12,11 @@ pub(crate) fn config_err(path: &Path, reason: impl Into<String>) -> LoadError {
     }
 }
 
+/// Largest integer accepted in a config: far above every real width or count (the widest Flux
+/// tensor dimension is 21504, the largest vocabulary 49408), small enough that products of a
+/// few of them cannot overflow.
+pub(crate) const MAX_CONFIG_INT: usize = 1 << 24;
+
 /// A parsed `config.json` with typed field access that names the file and field on error.
 pub(crate) struct JsonConfig {
     pub path: std::path::PathBuf,
@@ -20,9 +25,9 @@ pub(crate) struct JsonConfig {
 
 impl JsonConfig {
     pub fn read(path: &Path) -> Result<JsonConfig> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        let text = std::fs::read_to_string(path).map_err(|err| LoadError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         let json = serde_json::from_str(&text).map_err(|e| LoadError::InvalidJson {
             path: path.to_path_buf(),
@@ -34,12 +39,21 @@ impl JsonConfig {
         })
     }
 
+    /// A non-negative integer field, at most [`MAX_CONFIG_INT`].
     pub fn usize(&self, key: &str) -> Result<usize> {
-        self.json
-            .get(key)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| config_err(&self.path, format!("missing or non-integer \"{key}\"")))
+        let v =
+            self.json.get(key).and_then(|v| v.as_u64()).ok_or_else(|| {
+                config_err(&self.path, format!("missing or non-integer \"{key}\""))
+            })?;
+        if v > MAX_CONFIG_INT as u64 {
+            return Err(config_err(
+                &self.path,
+                format!(
+                    "\"{key}\" is {v}, beyond any plausible model size (limit {MAX_CONFIG_INT})"
+                ),
+            ));
+        }
+        Ok(v as usize)
     }
 
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
@@ -60,6 +74,18 @@ impl JsonConfig {
 
     pub fn f32_or(&self, key: &str, default: f32) -> Result<f32> {
         Ok(self.f64_or(key, default as f64)? as f32)
+    }
+
+    /// A normalisation epsilon: finite, in (0, 1).
+    pub fn eps_or(&self, key: &str, default: f32) -> Result<f32> {
+        let v = self.f32_or(key, default)?;
+        if !(v > 0.0 && v < 1.0) {
+            return Err(config_err(
+                &self.path,
+                format!("\"{key}\" is {v}; an epsilon must be in (0, 1)"),
+            ));
+        }
+        Ok(v)
     }
 
     pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> &'a str {
@@ -85,6 +111,7 @@ impl JsonConfig {
                     .map(|x| x.as_u64().map(|x| x as usize))
                     .collect::<Option<Vec<_>>>()
             })
+            .filter(|l| l.iter().all(|&x| x <= MAX_CONFIG_INT) && l.len() <= 64)
             .ok_or_else(|| config_err(&self.path, format!("missing or malformed list \"{key}\"")))
     }
 }
@@ -117,16 +144,43 @@ impl Shapes<'_> {
         })
     }
 
-    /// Number of numbered children `N` under `{prefix}{parent}N.` (highest N + 1).
-    pub fn count(&self, parent: &str) -> usize {
+    /// Number of numbered children `N` under `{prefix}{parent}N.`. The indices must run
+    /// 0..count without a gap, so a stray key like `double_blocks.99999999.x` is reported
+    /// instead of sizing a model with a hundred million blocks.
+    pub fn count(&self, parent: &str) -> Result<usize> {
         let p = format!("{}{parent}", self.prefix);
-        self.set
+        let indices: std::collections::BTreeSet<u64> = self
+            .set
             .keys()
             .filter_map(|k| k.strip_prefix(&p))
-            .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-            .map(|n| n + 1)
-            .max()
-            .unwrap_or(0)
+            .filter_map(|r| r.split('.').next()?.parse::<u64>().ok())
+            .collect();
+        match indices.last() {
+            None => Ok(0),
+            Some(&last) if last as usize == indices.len() - 1 => Ok(indices.len()),
+            Some(&last) => {
+                let missing = (0..=last).find(|i| !indices.contains(i)).unwrap_or(0);
+                Err(config_err(
+                    &self.set.root,
+                    format!("{p}N: highest index is {last} but {p}{missing} is missing ({} blocks present)", indices.len()),
+                ))
+            }
+        }
+    }
+
+    /// Checks a count read from a config against the blocks present (`field` names it).
+    pub fn expect_count(&self, parent: &str, n: usize, field: &str) -> Result<()> {
+        let present = self.count(parent)?;
+        if present != n {
+            return Err(config_err(
+                &self.set.root,
+                format!(
+                    "config says {field} = {n} but the checkpoint holds {present} ({}{parent}N)",
+                    self.prefix
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub fn has(&self, key: &str) -> bool {

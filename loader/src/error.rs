@@ -4,11 +4,10 @@ use std::path::PathBuf;
 /// (and the tensor key where there is one) so the message alone tells the user what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    /// The cause is in the message, not chained as a `source` (printing the chain would
+    /// repeat it).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{path}: file is {len} bytes, too short for the 8-byte safetensors header length (truncated or not a safetensors file)")]
     TooShort { path: PathBuf, len: u64 },
     #[error("{path}: header length {header_len} runs past the end of the {file_len}-byte file (truncated or not a safetensors file)")]
@@ -17,7 +16,7 @@ pub enum LoadError {
         header_len: u64,
         file_len: u64,
     },
-    #[error("{path}: header is not valid JSON: {reason}")]
+    #[error("{path}: not valid JSON: {reason}")]
     InvalidJson { path: PathBuf, reason: String },
     #[error("{path}: header entry {key:?} is malformed: {reason}")]
     MalformedEntry {

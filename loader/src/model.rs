@@ -119,9 +119,9 @@ impl AnyComponent {
 fn kind_of(path: &Path) -> Result<&'static str> {
     let probe = if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|source| LoadError::Io {
+            .map_err(|err| LoadError::Io {
                 path: path.to_path_buf(),
-                source,
+                err,
             })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))

@@ -244,9 +244,9 @@ pub struct SafetensorsFile {
 impl SafetensorsFile {
     /// Maps the file and parses its header. Only the header pages are touched.
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
-        let io = |source| LoadError::Io {
+        let io = |err| LoadError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         };
         let file = File::open(path).map_err(io)?;
         let file_len = file.metadata().map_err(io)?.len();

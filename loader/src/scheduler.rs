@@ -51,6 +51,13 @@ impl SchedulerConfig {
             base_shift: j.f64_or("base_shift", d.base_shift)?,
             max_shift: j.f64_or("max_shift", d.max_shift)?,
         };
+        // mu sets exp(mu) in the time shift: keep it where the schedule stays a schedule.
+        let shifts_ok = [cfg.base_shift, cfg.max_shift]
+            .iter()
+            .all(|v| v.is_finite() && v.abs() <= 10.0);
+        if !shifts_ok {
+            return Err(config_err(path, format!("base_shift {} / max_shift {} must be finite and within ±10 (FLUX.1: 0.5 / 1.15)", cfg.base_shift, cfg.max_shift)));
+        }
         if cfg.max_image_seq_len <= cfg.base_image_seq_len {
             return Err(config_err(
                 path,

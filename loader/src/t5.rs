@@ -87,7 +87,7 @@ fn read_config(path: &Path) -> Result<T5Config> {
         num_heads: j.usize("num_heads")?,
         relative_attention_num_buckets: j.usize_or("relative_attention_num_buckets", 32)?,
         relative_attention_max_distance: j.usize_or("relative_attention_max_distance", 128)?,
-        layer_norm_epsilon: j.f32_or("layer_norm_epsilon", 1e-6)?,
+        layer_norm_epsilon: j.eps_or("layer_norm_epsilon", 1e-6)?,
     })
 }
 
@@ -108,7 +108,7 @@ fn infer_config(set: &TensorSet, emb: &str) -> Result<T5Config> {
         d_model: s.dim(emb, 1)?,
         d_kv: inner / num_heads,
         d_ff: s.dim("encoder.block.0.layer.1.DenseReluDense.wi_0.weight", 0)?,
-        num_layers: s.count("encoder.block."),
+        num_layers: s.count("encoder.block.")?,
         num_heads,
         relative_attention_num_buckets: s.dim(bias, 0)?,
         // Not stored in the weights; T5 v1.1's value (spec 5.1).
@@ -145,6 +145,11 @@ pub fn load_t5(path: &Path) -> Result<T5> {
     } else {
         (infer_config(&set, emb)?, "single file")
     };
+    Shapes {
+        set: &set,
+        prefix: "",
+    }
+    .expect_count("encoder.block.", config.num_layers, "num_layers")?;
     let expects: Vec<Expect> = expected_shapes(&config)
         .into_iter()
         .map(|(name, shape)| {

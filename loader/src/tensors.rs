@@ -28,9 +28,9 @@ impl TensorSet {
     }
 
     fn open_dir(dir: &Path) -> Result<TensorSet> {
-        let io = |source| LoadError::Io {
+        let io = |err| LoadError::Io {
             path: dir.to_path_buf(),
-            source,
+            err,
         };
         let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(io)?
@@ -67,9 +67,9 @@ impl TensorSet {
     /// Opens the shards named by a `*.safetensors.index.json` and checks that every key it
     /// lists is in the shard it names.
     pub fn open_index(index: &Path) -> Result<TensorSet> {
-        let text = std::fs::read_to_string(index).map_err(|source| LoadError::Io {
+        let text = std::fs::read_to_string(index).map_err(|err| LoadError::Io {
             path: index.to_path_buf(),
-            source,
+            err,
         })?;
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| LoadError::InvalidJson {
@@ -344,11 +344,11 @@ fn read_scale(set: &TensorSet, key: &str) -> Result<Option<f32>> {
         1.0,
         &mut v,
     );
-    if !v[0].is_finite() || v[0] == 0.0 {
+    if !v[0].is_finite() || v[0] <= 0.0 {
         return Err(LoadError::BadScale {
             path: set.file_of(key).to_path_buf(),
             key: key.to_string(),
-            reason: format!("fp8 scale is {}, not a usable finite non-zero number", v[0]),
+            reason: format!("fp8 scale is {}, not a usable finite positive number", v[0]),
         });
     }
     Ok(Some(v[0]))
@@ -508,7 +508,7 @@ pub fn assemble(
             shape = Some(match shape {
                 None => part_shape,
                 Some(mut s) => {
-                    if s.len() != part_shape.len() || s[1..] != part_shape[1..] {
+                    if s.is_empty() || s.len() != part_shape.len() || s[1..] != part_shape[1..] {
                         problems.push(format!(
                             "{key}: shape {:?} cannot be stacked with the other parts of {}",
                             info.shape, e.canonical
@@ -597,6 +597,13 @@ pub fn assemble(
         }
     }
     if !problems.is_empty() {
+        // A wrong config can produce thousands of lines; the first few say what is wrong.
+        const SHOWN: usize = 20;
+        if problems.len() > SHOWN {
+            let more = problems.len() - SHOWN;
+            problems.truncate(SHOWN);
+            problems.push(format!("… and {more} more"));
+        }
         return Err(LoadError::Layout {
             path: set.root.clone(),
             component: kind,

@@ -312,7 +312,7 @@ fn infer_bfl_config(
 ) -> Result<FluxConfig> {
     let s = Shapes { set, prefix };
     let hidden_size = s.dim("img_in.weight", 0)?;
-    let depth = s.count("double_blocks.");
+    let depth = s.count("double_blocks.")?;
     let (head_dim, mut mlp_hidden) = if depth > 0 {
         (
             s.dim("double_blocks.0.img_attn.norm.query_norm.scale", 0)?,
@@ -341,7 +341,7 @@ fn infer_bfl_config(
         num_heads: hidden_size / head_dim,
         head_dim,
         depth,
-        depth_single: s.count("single_blocks."),
+        depth_single: s.count("single_blocks.")?,
         axes_dim: default_axes(head_dim, &set.root, opts)?,
         theta: 10_000.0,
         qkv_bias: depth == 0 || s.has("double_blocks.0.img_attn.qkv.bias"),
@@ -365,6 +365,12 @@ fn read_diffusers_config(config_path: &Path, set: &TensorSet) -> Result<FluxConf
     }
     let depth = j.usize("num_layers")?;
     let s = Shapes { set, prefix: "" };
+    s.expect_count("transformer_blocks.", depth, "num_layers")?;
+    s.expect_count(
+        "single_transformer_blocks.",
+        j.usize("num_single_layers")?,
+        "num_single_layers",
+    )?;
     let mlp_hidden = if depth > 0 {
         s.dim("transformer_blocks.0.ff.net.0.proj.weight", 0)?
     } else {

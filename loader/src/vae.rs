@@ -192,7 +192,7 @@ pub fn expected_shapes(c: &VaeConfig) -> Vec<(String, Vec<usize>)> {
 fn infer_bfl_config(set: &TensorSet, opts: &VaeOptions) -> Result<VaeConfig> {
     let s = Shapes { set, prefix: "" };
     let ch = s.dim("encoder.conv_in.weight", 0)?;
-    let levels = s.count("encoder.down.");
+    let levels = s.count("encoder.down.")?;
     if ch == 0 || levels == 0 {
         return Err(config_err(&set.root, "autoencoder has no down blocks"));
     }
@@ -204,7 +204,7 @@ fn infer_bfl_config(set: &TensorSet, opts: &VaeOptions) -> Result<VaeConfig> {
         out_channels: s.dim("decoder.conv_out.weight", 0)?,
         ch,
         ch_mult,
-        num_res_blocks: s.count("encoder.down.0.block."),
+        num_res_blocks: s.count("encoder.down.0.block.")?,
         z_channels: s.dim("decoder.conv_in.weight", 1)?,
         norm_groups: opts.norm_groups,
         scale_factor: opts.scale_factor,
@@ -262,7 +262,38 @@ pub fn load_vae(path: &Path, opts: &VaeOptions) -> Result<Vae> {
             reason: "not a Flux autoencoder: found neither encoder.down.0.block.0.conv1.weight (ae.safetensors) nor encoder.down_blocks.0.resnets.0.conv1.weight (diffusers vae/)".into(),
         });
     };
-    if config.norm_groups == 0 || config.ch % config.norm_groups != 0 {
+    if diffusers {
+        // Counts from config.json must match the blocks present before anything is sized by them.
+        let shapes = Shapes {
+            set: &set,
+            prefix: "",
+        };
+        shapes.expect_count(
+            "encoder.down_blocks.",
+            config.ch_mult.len(),
+            "len(block_out_channels)",
+        )?;
+        shapes.expect_count(
+            "encoder.down_blocks.0.resnets.",
+            config.num_res_blocks,
+            "layers_per_block",
+        )?;
+    }
+    if config.ch_mult.is_empty() || config.ch_mult.len() > 16 {
+        return Err(config_err(
+            path,
+            format!(
+                "{} resolution levels; a Flux autoencoder has 4",
+                config.ch_mult.len()
+            ),
+        ));
+    }
+    if config.norm_groups == 0
+        || config
+            .ch_mult
+            .iter()
+            .any(|m| (config.ch * m) % config.norm_groups != 0)
+    {
         return Err(config_err(
             path,
             format!(

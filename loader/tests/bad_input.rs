@@ -177,12 +177,20 @@ fn opts_a() -> TransformerOptions {
     }
 }
 
+type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
 /// Copies fixture "a"'s BFL file, lets `edit` change its tensors, and writes it back.
-fn edited_bfl(
-    dir: &Path,
-    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) -> PathBuf {
-    let bytes = std::fs::read(format!("{FIXTURES}/a/bfl.safetensors")).unwrap();
+fn edited_bfl(dir: &Path, edit: impl FnOnce(&mut Tensors)) -> PathBuf {
+    edited(
+        &format!("{FIXTURES}/a/bfl.safetensors"),
+        &dir.join("edited.safetensors"),
+        edit,
+    )
+}
+
+/// Copies the safetensors file `from` to `to` with its tensors changed by `edit`.
+fn edited(from: &str, to: &Path, edit: impl FnOnce(&mut Tensors)) -> PathBuf {
+    let bytes = std::fs::read(from).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<_> = st
         .tensors()
@@ -199,9 +207,8 @@ fn edited_bfl(
             )
         })
         .collect();
-    let p = dir.join("edited.safetensors");
-    safetensors::serialize_to_file(views, None, &p).unwrap();
-    p
+    safetensors::serialize_to_file(views, None, to).unwrap();
+    to.to_path_buf()
 }
 
 fn layout_problems(e: LoadError) -> Vec<String> {
@@ -254,20 +261,16 @@ fn unexpected_key() {
     let d = tempfile::tempdir().unwrap();
     let p = edited_bfl(d.path(), |t| {
         t.push((
-            "double_blocks.9.img_mod.lin.extra".into(),
+            "double_blocks.1.img_mod.lin.extra".into(),
             safetensors::Dtype::F32,
             vec![1],
             vec![0; 4],
         ))
     });
-    // The stray block index also raises the inferred depth to 10, so the blocks 2..9 are missing
-    // too; the stray key itself must be among the problems.
     let problems = layout_problems(load_transformer(&p, &opts_a()).err().expect("must fail"));
-    assert!(
-        problems
-            .iter()
-            .any(|p| p == "unexpected tensor double_blocks.9.img_mod.lin.extra"),
-        "{problems:#?}"
+    assert_eq!(
+        problems,
+        vec!["unexpected tensor double_blocks.1.img_mod.lin.extra".to_string()]
     );
 
     let p = edited_bfl(d.path(), |t| {
@@ -366,5 +369,127 @@ fn single_file_with_unusual_head_dim_asks_for_axes() {
     assert!(
         matches!(&e, LoadError::Config { reason, .. } if reason.contains("HINT")),
         "{e}"
+    );
+}
+
+#[test]
+fn stray_block_index_is_reported_before_sizing_anything() {
+    let d = tempfile::tempdir().unwrap();
+    let p = edited_bfl(d.path(), |t| {
+        t.push((
+            "double_blocks.99999999999.x".into(),
+            safetensors::Dtype::F32,
+            vec![1],
+            vec![0; 4],
+        ))
+    });
+    let e = load_transformer(&p, &opts_a()).err().expect("must fail");
+    assert!(
+        matches!(&e, LoadError::Config { reason, .. } if reason.contains("highest index is 99999999999") && reason.contains("double_blocks.2 is missing")),
+        "{e}"
+    );
+}
+
+/// A copy of fixture "a"'s diffusers folder with `config.json` edited by `edit`.
+fn diffusers_copy(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let src = format!("{FIXTURES}/a/diffusers");
+    let dst = dir.join("transformer");
+    std::fs::create_dir_all(&dst).unwrap();
+    std::fs::copy(
+        format!("{src}/diffusion_pytorch_model.safetensors"),
+        dst.join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{src}/config.json")).unwrap())
+            .unwrap();
+    edit(&mut cfg);
+    std::fs::write(dst.join("config.json"), cfg.to_string()).unwrap();
+    dst
+}
+
+#[test]
+fn config_counts_must_match_the_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let p = diffusers_copy(d.path(), |c| c["num_layers"] = 1000.into());
+    let e = load_transformer(&p, &TransformerOptions::default())
+        .err()
+        .expect("must fail");
+    assert!(
+        e.to_string()
+            .contains("config says num_layers = 1000 but the checkpoint holds 2"),
+        "{e}"
+    );
+    let p = diffusers_copy(d.path(), |c| {
+        c["num_single_layers"] = 1_000_000_000u64.into()
+    });
+    let e = load_transformer(&p, &TransformerOptions::default())
+        .err()
+        .expect("must fail");
+    assert!(
+        e.to_string().contains("beyond any plausible model size"),
+        "{e}"
+    );
+}
+
+#[test]
+fn scalar_parts_of_a_stacked_tensor_are_a_layout_error() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = diffusers_copy(d.path(), |_| {});
+    let file = dir.join("diffusion_pytorch_model.safetensors");
+    let src = d.path().join("orig.safetensors");
+    std::fs::rename(&file, &src).unwrap();
+    edited(src.to_str().unwrap(), &file, |t| {
+        for (n, _, shape, bytes) in t.iter_mut() {
+            if n == "transformer_blocks.0.attn.to_q.bias"
+                || n == "transformer_blocks.0.attn.to_k.bias"
+            {
+                *shape = vec![];
+                bytes.truncate(4);
+            }
+        }
+    });
+    let problems = layout_problems(
+        load_transformer(&dir, &TransformerOptions::default())
+            .err()
+            .expect("must fail"),
+    );
+    assert!(
+        problems.iter().any(|p| p.contains("cannot be stacked")),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn negative_fp8_scale_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = edited_bfl(d.path(), |t| {
+        let w = t.iter_mut().find(|(n, ..)| n == "img_in.weight").unwrap();
+        w.1 = safetensors::Dtype::F8_E4M3;
+        w.3 = vec![0x38; w.2.iter().product()];
+        t.push((
+            "img_in.scale_weight".into(),
+            safetensors::Dtype::F32,
+            vec![],
+            (-0.5f32).to_le_bytes().to_vec(),
+        ));
+    });
+    let e = load_transformer(&p, &opts_a()).err().expect("must fail");
+    assert!(
+        matches!(&e, LoadError::BadScale { reason, .. } if reason.contains("positive")),
+        "{e}"
+    );
+}
+
+#[test]
+fn long_problem_lists_are_capped() {
+    let d = tempfile::tempdir().unwrap();
+    let p = edited_bfl(d.path(), |t| t.retain(|(n, ..)| !n.ends_with(".bias")));
+    let problems = layout_problems(load_transformer(&p, &opts_a()).err().expect("must fail"));
+    assert_eq!(problems.len(), 21, "{problems:#?}");
+    assert!(
+        problems[20].starts_with("… and ") && problems[20].ends_with(" more"),
+        "{}",
+        problems[20]
     );
 }
