@@ -3,6 +3,7 @@
 //! writes.
 
 use crate::error::{EngineError, Result};
+use image::ImageDecoder;
 use std::path::Path;
 
 /// Largest side accepted for an input image. Larger images are refused with this limit in the
@@ -102,9 +103,25 @@ impl RgbImage {
                 "image is {w}×{h}; sides must be between 1 and {MAX_INPUT_SIDE} pixels"
             ));
         }
-        let img = image::ImageReader::with_format(std::io::Cursor::new(bytes), format)
-            .decode()
+        let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+        // The side limit above is the real limit; the decoder's default 512 MiB budget would
+        // refuse large legal images (a 12000² RGBA PNG) with an unclear message.
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_INPUT_SIDE);
+        limits.max_image_height = Some(MAX_INPUT_SIDE);
+        limits.max_alloc = Some(MAX_INPUT_SIDE as u64 * MAX_INPUT_SIDE as u64 * 8);
+        reader.limits(limits);
+        let mut decoder = reader
+            .into_decoder()
             .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+        // Phone photos store their rotation in EXIF; show the picture the way viewers do
+        // (diffusers' `load_image` applies the same `exif_transpose`).
+        let orientation = decoder
+            .orientation()
+            .unwrap_or(image::metadata::Orientation::NoTransforms);
+        let mut img = image::DynamicImage::from_decoder(decoder)
+            .map_err(|e| format!("cannot decode {format:?}: {e}"))?;
+        img.apply_orientation(orientation);
         let rgb = img.to_rgb8();
         Ok(RgbImage {
             width: rgb.width() as usize,
@@ -246,17 +263,28 @@ impl RgbImage {
                 .write_to(&mut cursor, format)
                 .map_err(|e| err(e.to_string()))?,
         }
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, &encoded)
-            .map_err(|e| err(format!("cannot write {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            err(format!("cannot move the finished image into place: {e}"))
-        })
+        // A uniquely named temporary file in the destination folder, synced, then renamed over
+        // `path`: readers see the old file or the whole new one, never a part.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".kontext-fast-")
+            .suffix(".tmp")
+            .tempfile_in(dir)
+            .map_err(|e| {
+                err(format!(
+                    "cannot create a temporary file in {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        std::io::Write::write_all(&mut tmp, &encoded)
+            .and_then(|_| tmp.as_file().sync_all())
+            .map_err(|e| err(format!("cannot write the image: {e}")))?;
+        tmp.persist(path).map_err(|e| {
+            err(format!(
+                "cannot move the finished image into place: {}",
+                e.error
+            ))
+        })?;
+        Ok(())
     }
 }
 

@@ -157,11 +157,14 @@ pub fn initial_noise(
 /// Reads `--noise FILE`: a safetensors file with one f32 tensor `noise` `[1, C, H/8, W/8]`.
 /// Returns the values and `(C, H/8, W/8)`.
 pub fn read_noise_file(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
-    let set = kontext_loader::TensorSet::open(path)?;
     let bad = |reason: String| EngineError::Image {
         path: PathBuf::from(path),
         reason,
     };
+    if !path.is_file() {
+        return Err(bad("not a file (expected a .safetensors noise file)".into()));
+    }
+    let set = kontext_loader::TensorSet::open(path)?;
     let info = set
         .info("noise")
         .ok_or_else(|| bad("no tensor named \"noise\" (expected f32 [1, C, H/8, W/8])".into()))?;
@@ -179,6 +182,13 @@ pub fn read_noise_file(path: &Path) -> Result<(Vec<f32>, [usize; 3])> {
             )))
         }
     };
+    let [c, h, w] = dims;
+    let max = MAX_OUTPUT_SIDE / 8;
+    if c == 0 || h == 0 || w == 0 || h % 2 != 0 || w % 2 != 0 || h > max || w > max {
+        return Err(bad(format!(
+            "tensor \"noise\" has shape [1, {c}, {h}, {w}]: C must be > 0 and H/8, W/8 even (2×2 patches), between 2 and {max}"
+        )));
+    }
     let mut v = Vec::new();
     kontext_loader::dtype::decode_into(
         info.dtype,
@@ -250,6 +260,33 @@ mod tests {
             ..Default::default()
         };
         assert!(plan(None, &zero).is_err());
+    }
+
+    #[test]
+    fn noise_files_are_checked() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(read_noise_file(d.path())
+            .unwrap_err()
+            .to_string()
+            .contains("not a file"));
+        let write = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let header = format!(
+                r#"{{"noise":{{"dtype":"F32","shape":{shape:?},"data_offsets":[0,{}]}}}}"#,
+                4 * n
+            );
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.resize(bytes.len() + 4 * n, 0);
+            let p = d.path().join("n.safetensors");
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        assert_eq!(read_noise_file(&write(&[1, 4, 6, 8])).unwrap().1, [4, 6, 8]);
+        for bad in [[1, 4, 3, 5], [1, 0, 2, 2], [1, 4, 0, 0], [1, 4, 2, 1024]] {
+            let e = read_noise_file(&write(&bad)).unwrap_err().to_string();
+            assert!(e.contains("even (2×2 patches)"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

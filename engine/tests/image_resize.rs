@@ -37,3 +37,28 @@ fn lanczos_matches_pil_exactly() {
     }
     assert_eq!(checked, 8);
 }
+
+#[test]
+fn exif_orientation_is_applied() {
+    let root = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/resize"
+    ));
+    let got = RgbImage::open(&root.join("exif_orientation6.jpg")).unwrap();
+    let want = RgbImage::open(&root.join("exif_orientation6_upright.png")).unwrap();
+    assert_eq!(
+        (got.width, got.height),
+        (want.width, want.height),
+        "rotation not applied"
+    );
+    // Same decoder family, different implementations: a few levels apart at most on average;
+    // an unrotated or mirrored picture is tens of levels off.
+    let mean: f64 = got
+        .pixels
+        .iter()
+        .zip(&want.pixels)
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .sum::<f64>()
+        / got.pixels.len() as f64;
+    assert!(mean < 3.0, "mean difference {mean} levels");
+}
