@@ -153,16 +153,15 @@ fn run(args: &RunArgs) -> Result<()> {
             );
         }
     }
-    let device = match args.device {
-        Some(DeviceArg::Cuda) => Device::Cuda,
-        Some(DeviceArg::Cpu) => Device::Cpu,
-        None => {
-            eprintln!(
-                "note: this build has no CUDA backend yet; running the f32 reference on the CPU"
-            );
-            Device::Cpu
-        }
-    };
+    let requested = args.device.map(|d| match d {
+        DeviceArg::Cuda => Device::Cuda,
+        DeviceArg::Cpu => Device::Cpu,
+    });
+    let (device, note) =
+        Device::select(requested, kontext_kernels::cuda_available).context("--device cuda")?;
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
     let context = args.image.as_deref().map(RgbImage::open).transpose()?;
     let noise = match (&args.noise, args.seed) {
         (Some(path), _) => {
@@ -204,12 +203,20 @@ fn run(args: &RunArgs) -> Result<()> {
 
     let t0 = Instant::now();
     let paths = ModelPaths::discover(model)?;
-    let pipeline =
-        Pipeline::load(&paths, device).with_context(|| format!("loading {}", model.display()))?;
+    let pipeline = Pipeline::load(&paths, device).with_context(|| {
+        let hint = match (device, requested) {
+            (Device::Cuda, None) => " on the GPU (--device cpu runs on the CPU)",
+            _ => "",
+        };
+        format!("loading {}{hint}", model.display())
+    })?;
     let load_time = t0.elapsed();
     let mut progress = |p: &Progress| match p {
         Progress::EncodingText => eprintln!("encoding the prompt"),
         Progress::EncodingImage => eprintln!("encoding the context image"),
+        Progress::Denoising { steps } => {
+            eprintln!("denoising: {steps} steps on {}", device.name())
+        }
         Progress::Step { step, steps, took } => {
             eprintln!("step {step:>3}/{steps}  {:>8.3} s", took.as_secs_f64())
         }
@@ -243,7 +250,7 @@ fn run(args: &RunArgs) -> Result<()> {
             "seed": out.seed,
             "steps": opts.steps,
             "guidance": opts.guidance,
-            "device": "cpu",
+            "device": device.name(),
             "notes": out.notes,
             "seconds": timings,
         });

@@ -65,6 +65,7 @@ fn edit_writes_an_image_and_a_json_summary() {
     assert_eq!(summary["width"], 80);
     assert_eq!(summary["height"], 64);
     assert_eq!(summary["seed"], 7);
+    assert_eq!(summary["device"], "cpu");
     assert!(summary["seconds"]["denoise"].as_f64().unwrap() > 0.0);
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(stderr.contains("step   2/2"), "{stderr}");
@@ -198,7 +199,20 @@ fn bad_inputs_give_one_line_errors() {
         "cpu",
     ]);
     assert_one_line_error(&r, "no model parts found");
-    // No GPU backend in this build.
+    assert!(!out.exists(), "no output may be written by a failed run");
+}
+
+/// `--device cuda` where there is no usable GPU: one line with the probe's reason (on this
+/// project's build machines: "the NVIDIA driver library (libcuda.so.1) is not installed …"),
+/// before anything is loaded.
+#[test]
+fn device_cuda_without_a_gpu_says_why_in_one_line() {
+    let Err(why) = kontext_kernels::cuda_available() else {
+        return; // a GPU machine: the CUDA path is covered by kontext-gpu-check
+    };
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.png");
+    let model = fixtures().join("tiny-kontext");
     let r = run(&[
         "--model",
         s(&model),
@@ -209,6 +223,48 @@ fn bad_inputs_give_one_line_errors() {
         "--device",
         "cuda",
     ]);
-    assert_one_line_error(&r, "CUDA");
+    assert_one_line_error(&r, "--device cuda: no usable CUDA GPU");
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains(&why), "{stderr}");
     assert!(!out.exists(), "no output may be written by a failed run");
+}
+
+/// Without `--device`, a machine without a usable GPU runs on the CPU and says so.
+#[test]
+fn default_device_falls_back_to_the_cpu_with_a_note() {
+    if kontext_kernels::cuda_available().is_ok() {
+        return; // a GPU machine runs on the GPU
+    }
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.png");
+    let model = fixtures().join("tiny-kontext");
+    let r = run(&[
+        "--model",
+        s(&model),
+        "--prompt",
+        "a lighthouse",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--steps",
+        "1",
+        "--seed",
+        "2",
+        "--output",
+        s(&out),
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    let notes: Vec<&str> = stderr.lines().filter(|l| l.starts_with("note:")).collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("no usable CUDA GPU") && n.contains("on the CPU")),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(summary["device"], "cpu");
+    assert!(out.exists());
 }

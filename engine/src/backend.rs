@@ -12,7 +12,7 @@
 
 use crate::error::Result;
 use crate::layers;
-use crate::weights::HostWeight;
+use crate::weights::{HostWeight, StoredWeight};
 
 /// The ops one forward of the Flux transformer needs (spec 1.3 – 1.10).
 pub trait Backend {
@@ -40,8 +40,37 @@ pub trait Backend {
         weight: HostWeight,
         bias: Option<HostWeight>,
     ) -> Result<Self::Linear>;
+    /// Builds a linear layer from the weight as the checkpoint stores it (`[out, in]`, bytes with
+    /// dtype and per-part scales) and a host bias `[out]`. The default decodes it to f32 (the
+    /// values `load_linear` would get from the same source) and calls [`Backend::load_linear`];
+    /// the CUDA backend keeps fp8 weights fp8 on the GPU.
+    fn load_linear_stored(
+        &self,
+        key: &str,
+        weight: StoredWeight<'_>,
+        bias: Option<HostWeight>,
+    ) -> Result<Self::Linear> {
+        let data = weight.to_f32();
+        let shape = vec![weight.rows(), weight.cols()];
+        self.load_linear(key, HostWeight { shape, data }, bias)
+    }
     /// Builds a 1-D parameter from host data `[n]`.
     fn load_vector(&self, key: &str, v: HostWeight) -> Result<Self::Vector>;
+
+    /// Runs `body`, whose backend work repeats the work of `step` (the denoising loop: one
+    /// forward shape, many times), with activation memory planned from `step`. The CPU allocates
+    /// per op and just runs `body`. The CUDA backend runs `step` once as a plan (no memory, no
+    /// launches) to measure the peak of its activations, allocates one pool of that size, and
+    /// runs `body` from it, so `body` makes no device allocation. Results of `step` are
+    /// meaningless (downloads give zeros) and are dropped.
+    fn planned<T>(
+        &self,
+        step: &mut dyn FnMut() -> Result<()>,
+        body: &mut dyn FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let _ = step;
+        body()
+    }
 
     /// `x [L, in] · Wᵀ + b → [L, out]` (GEMM, bias in the epilogue).
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;

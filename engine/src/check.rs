@@ -25,6 +25,46 @@ pub mod tol {
     /// This loose check only shows the quantisation is sane; the fp8 path itself is checked
     /// exactly, against an f32 forward of the dequantised weights at [`F32`].
     pub const FP8_WEIGHTS: f64 = 0.15;
+
+    // The CUDA backend (bf16 activations, f32 math and accumulation) against the f32 CPU
+    // reference. bf16 keeps 8 significant bits: rounding a value moves it by at most
+    // u = 2^-8 ≈ 3.9e-3 of itself.
+
+    /// Copies (concatenation, slicing, upsampling) of bf16 values: nothing is computed.
+    pub const EXACT: f64 = 0.0;
+
+    /// One CUDA op whose inputs are values both sides see exactly (bf16-representable
+    /// activations and weights): f32 math, one rounding at the store. Each element then differs
+    /// by at most u of its own value, so `rel_max` (relative to max |ref|) ≤ u, and `rel_l2` is
+    /// about u/√3 ≈ 2e-3; f32 summation order (cuBLASLt's tiles, the kernels' reductions, vs
+    /// sgemm and f64 statistics on the CPU) adds ~√K·2^-24 < 1e-5 even for K = 15360. 5e-3
+    /// covers u with that slack. A wrong epsilon, scale, RoPE row or mask moves an op by 1e-2 or
+    /// more.
+    pub const BF16_OP: f64 = 5e-3;
+
+    /// One CUDA op that also rounds an operand the CPU keeps in f32: fp8 weights, dequantised
+    /// (code · scale) to bf16 before their GEMM; f32 weights rounded at upload; the wide-head
+    /// attention's probabilities (stored bf16 between its two GEMMs). Each rounded operand
+    /// carries an independent error ≤ u; in a K-long dot product they average to about u/√3
+    /// of the output's spread, and the output's own rounding adds up to u. Measured with the
+    /// CPU emulation (`engine/tests/bf16_emulation.rs`, a [256, 3072]·[1024, 3072]ᵀ linear):
+    /// 2.3e-3 rel_l2 and 3.3e-3 rel_max for f32 and for fp8 weights (bf16 weights: 1.7e-3 and
+    /// 3.1e-3, under [`BF16_OP`]). 1e-2 leaves 3×.
+    pub const BF16_OP_ROUNDED: f64 = 1e-2;
+
+    /// Whole models and pipeline stages in bf16 (CUDA) against f32 (CPU), random weights.
+    /// Measured with the CPU emulation of the CUDA backend's rounding points
+    /// (`engine/tests/bf16_emulation.rs`): the tiny pipeline's stages ≤ 2.0e-2 rel_l2 and
+    /// ≤ 5.5e-2 rel_max (T5's output, whose residual stream is rounded after every block), the
+    /// transformer fixtures' forwards ≤ 9.6e-3 (bf16 and fp8 files). The GPU sums in another order,
+    /// a different draw of the same rounding noise; 0.15 leaves ~3× the worst measured. A wiring
+    /// mistake (wrong rows, wrong stream, a missed op) moves a stage by O(1).
+    pub const BF16_MODEL: f64 = 0.15;
+
+    /// Output pixels of the tiny pipeline in bf16 (CUDA) vs f32 (CPU), in levels of 255.
+    /// Measured with the CPU emulation: at most 8 levels (≈ 2 % of the decoder's range, where
+    /// `BF16_MODEL` measured 2e-2 on the pixels stage); 24 leaves 3×.
+    pub const BF16_PIXEL_LEVELS: i32 = 24;
 }
 
 /// Errors of `out` against `reference` (same length), in f64.

@@ -50,6 +50,9 @@ pub enum EngineError {
     /// A tokenizer folder could not be read or a prompt could not be tokenized.
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// The GPU, a CUDA library or a kernel launch failed (the kernels' message names which).
+    #[error(transparent)]
+    Gpu(#[from] kontext_kernels::KernelError),
     /// An image could not be read or written (file and reason in one line).
     #[error("{path}: {reason}")]
     Image {

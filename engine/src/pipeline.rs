@@ -1,9 +1,17 @@
 //! `Pipeline`: the whole of FLUX.1 Kontext, loaded once, used for any number of edits and
 //! generations (spec 2, 3). Each call owns its state; the pipeline itself is read-only, so it is
-//! `Send + Sync` and calls may run side by side.
+//! `Send + Sync` and calls may run side by side (on CUDA each plans its own activation pools; the
+//! GPU runs their work in order).
+//!
+//! The four models run on the CPU reference or the CUDA backend ([`Device`]); the request logic
+//! ([`Pipeline::run_with`]) is the same generic code for both. Each stage (text, context, the
+//! denoising loop, decode) runs inside [`Backend::planned`]: on CUDA its activations come from
+//! one pool sized by a dry run, so the denoising loop allocates no device memory.
 
 use crate::clip::ClipTextModel;
 use crate::cpu::CpuBackend;
+use crate::cuda::CudaBackend;
+use crate::encoder_backend::EncoderBackend;
 use crate::error::{EngineError, Result};
 use crate::image::RgbImage;
 use crate::model::{Flux, FluxInputs, StageHook};
@@ -15,7 +23,6 @@ use crate::schedule::get_schedule;
 use crate::t5::T5Encoder;
 use crate::tokenizer::{TextTokenizer, Truncation};
 use crate::vae::{AutoEncoder, Latent};
-use crate::Backend;
 use kontext_loader::{load_clip, load_t5, load_transformer, load_vae, ModelPaths, SchedulerConfig};
 use kontext_loader::{TransformerOptions, VaeOptions};
 use std::time::{Duration, Instant};
@@ -30,15 +37,57 @@ pub const CLIP_MAX_LENGTH: usize = 77;
 pub enum Device {
     /// The f32 reference backend.
     Cpu,
-    /// NVIDIA GPU (not available yet: the CUDA backend is being built).
+    /// The first NVIDIA GPU (bf16 activations, f32 accumulation; [`CudaBackend`]).
     Cuda,
 }
 
-/// What a running request reports, in order: text, context image, each step, decode.
+impl Device {
+    /// The device a request runs on: the one asked for, or, when none is, the GPU if `probe`
+    /// (`kontext_kernels::cuda_available`, a parameter so the choice is testable anywhere) finds
+    /// a usable one and the CPU otherwise, with a note saying why. Asking for CUDA without a
+    /// usable GPU is an error that says why.
+    pub fn select<I: std::fmt::Display>(
+        requested: Option<Device>,
+        probe: impl FnOnce() -> std::result::Result<I, String>,
+    ) -> Result<(Device, Option<String>)> {
+        match requested {
+            Some(Device::Cpu) => Ok((Device::Cpu, None)),
+            Some(Device::Cuda) => match probe() {
+                Ok(_) => Ok((Device::Cuda, None)),
+                Err(why) => Err(EngineError::Gpu(kontext_kernels::KernelError::NoGpu(why))),
+            },
+            None => match probe() {
+                Ok(_) => Ok((Device::Cuda, None)),
+                Err(why) => Ok((
+                    Device::Cpu,
+                    Some(format!(
+                        "no usable CUDA GPU ({why}); running the f32 reference on the CPU \
+                         (slow; --device cpu silences this note)"
+                    )),
+                )),
+            },
+        }
+    }
+
+    /// `"cpu"` or `"cuda"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        }
+    }
+}
+
+/// What a running request reports, in order: text, context image, the start of the denoising
+/// loop, each step, decode.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
     EncodingText,
     EncodingImage,
+    /// The denoising loop of `steps` steps starts (its memory is in place).
+    Denoising {
+        steps: usize,
+    },
     /// Step `step` of `steps` (1-based) finished, taking `took`.
     Step {
         step: usize,
@@ -60,12 +109,25 @@ pub struct Output {
     pub timings: Vec<(&'static str, Duration)>,
 }
 
+/// The four models on one backend.
+pub struct Models<B: EncoderBackend> {
+    pub flux: Flux<B>,
+    pub vae: AutoEncoder<B>,
+    pub t5: T5Encoder<B>,
+    pub clip: ClipTextModel<B>,
+}
+
+/// The models on the device they were loaded for. (One per pipeline: the size difference of the
+/// variants does not matter.)
+#[allow(clippy::large_enum_variant)]
+pub enum Engine {
+    Cpu(Models<CpuBackend>),
+    Cuda(Models<CudaBackend>),
+}
+
 /// All four models and both tokenizers, ready to run.
 pub struct Pipeline {
-    pub flux: Flux<CpuBackend>,
-    pub vae: AutoEncoder<CpuBackend>,
-    pub t5: T5Encoder<CpuBackend>,
-    pub clip: ClipTextModel<CpuBackend>,
+    pub engine: Engine,
     pub t5_tokenizer: TextTokenizer,
     pub clip_tokenizer: TextTokenizer,
     pub scheduler: SchedulerConfig,
@@ -77,22 +139,22 @@ fn missing(part: &str, root: &str) -> EngineError {
     ))
 }
 
-impl Pipeline {
-    /// Loads every part found by [`ModelPaths::discover`] (or given one by one).
-    pub fn load(paths: &ModelPaths, device: Device) -> Result<Pipeline> {
-        if device == Device::Cuda {
-            return Err(EngineError::Config(
-                "the CUDA backend is not available in this build yet; use --device cpu".into(),
-            ));
-        }
-        let root = paths
-            .transformer
-            .as_ref()
-            .and_then(|p| p.parent())
-            .map_or_else(
-                || "the given paths".to_string(),
-                |p| p.display().to_string(),
-            );
+/// Where the model files were looked for, for messages.
+fn model_root(paths: &ModelPaths) -> String {
+    paths
+        .transformer
+        .as_ref()
+        .and_then(|p| p.parent())
+        .map_or_else(
+            || "the given paths".to_string(),
+            |p| p.display().to_string(),
+        )
+}
+
+impl<B: EncoderBackend + Clone> Models<B> {
+    /// Loads the transformer, autoencoder and both text encoders found in `paths` onto `backend`.
+    pub fn load(backend: B, paths: &ModelPaths) -> Result<Models<B>> {
+        let root = model_root(paths);
         let need = |p: &Option<std::path::PathBuf>, part: &str| {
             p.clone().ok_or_else(|| missing(part, &root))
         };
@@ -106,31 +168,18 @@ impl Pipeline {
         )?;
         let t5 = load_t5(&need(&paths.t5, "T5 encoder (text_encoder_2/)")?)?;
         let clip = load_clip(&need(&paths.clip, "CLIP text model (text_encoder/)")?)?;
-        let t5_tokenizer = TextTokenizer::t5(
-            &need(&paths.t5_tokenizer, "T5 tokenizer (tokenizer_2/)")?,
-            T5_MAX_LENGTH,
-        )?;
-        let clip_tokenizer = TextTokenizer::clip(
-            &need(&paths.clip_tokenizer, "CLIP tokenizer (tokenizer/)")?,
-            CLIP_MAX_LENGTH,
-        )?;
-        let scheduler = match &paths.scheduler {
-            Some(p) => SchedulerConfig::read(p)?,
-            None => SchedulerConfig::default(),
+        let models = Models {
+            flux: Flux::from_transformer(backend.clone(), &transformer)?,
+            vae: AutoEncoder::from_vae(backend.clone(), &vae)?,
+            t5: T5Encoder::from_t5(backend.clone(), &t5)?,
+            clip: ClipTextModel::from_clip(backend, &clip)?,
         };
-        let pipeline = Pipeline {
-            flux: Flux::from_transformer(CpuBackend, &transformer)?,
-            vae: AutoEncoder::from_vae(CpuBackend, &vae)?,
-            t5: T5Encoder::from_t5(CpuBackend, &t5)?,
-            clip: ClipTextModel::from_clip(CpuBackend, &clip)?,
-            t5_tokenizer,
-            clip_tokenizer,
-            scheduler,
-        };
-        pipeline.check_compatible()?;
-        Ok(pipeline)
+        models.check_compatible()?;
+        Ok(models)
     }
+}
 
+impl<B: EncoderBackend> Models<B> {
     /// The parts must fit together: T5 width = the transformer's text width, CLIP width = its
     /// vector width, 2×2 patches of the VAE latent = its input channels.
     fn check_compatible(&self) -> Result<()> {
@@ -170,6 +219,55 @@ impl Pipeline {
             )))
         }
     }
+}
+
+impl Pipeline {
+    /// Loads every part found by [`ModelPaths::discover`] (or given one by one) onto `device`
+    /// (for CUDA: the first GPU, its kernels compiled or taken from the cache).
+    pub fn load(paths: &ModelPaths, device: Device) -> Result<Pipeline> {
+        let engine = match device {
+            Device::Cpu => Engine::Cpu(Models::load(CpuBackend, paths)?),
+            Device::Cuda => Engine::Cuda(Models::load(CudaBackend::new(0)?, paths)?),
+        };
+        let root = model_root(paths);
+        let need = |p: &Option<std::path::PathBuf>, part: &str| {
+            p.clone().ok_or_else(|| missing(part, &root))
+        };
+        let t5_tokenizer = TextTokenizer::t5(
+            &need(&paths.t5_tokenizer, "T5 tokenizer (tokenizer_2/)")?,
+            T5_MAX_LENGTH,
+        )?;
+        let clip_tokenizer = TextTokenizer::clip(
+            &need(&paths.clip_tokenizer, "CLIP tokenizer (tokenizer/)")?,
+            CLIP_MAX_LENGTH,
+        )?;
+        let scheduler = match &paths.scheduler {
+            Some(p) => SchedulerConfig::read(p)?,
+            None => SchedulerConfig::default(),
+        };
+        Ok(Pipeline {
+            engine,
+            t5_tokenizer,
+            clip_tokenizer,
+            scheduler,
+        })
+    }
+
+    /// The device the models run on.
+    pub fn device(&self) -> Device {
+        match self.engine {
+            Engine::Cpu(_) => Device::Cpu,
+            Engine::Cuda(_) => Device::Cuda,
+        }
+    }
+
+    /// The transformer's config.
+    pub fn flux_config(&self) -> &kontext_loader::FluxConfig {
+        match &self.engine {
+            Engine::Cpu(m) => &m.flux.config,
+            Engine::Cuda(m) => &m.flux.config,
+        }
+    }
 
     /// Edits `context` following `prompt`.
     pub fn edit(
@@ -205,6 +303,19 @@ impl Pipeline {
         prompt: &str,
         notes: &mut Vec<String>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        match &self.engine {
+            Engine::Cpu(m) => self.encode_prompt_with(m, prompt, notes),
+            Engine::Cuda(m) => self.encode_prompt_with(m, prompt, notes),
+        }
+    }
+
+    /// [`Pipeline::encode_prompt`] on the given models.
+    pub fn encode_prompt_with<B: EncoderBackend>(
+        &self,
+        m: &Models<B>,
+        prompt: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         let t5_ids = self.t5_tokenizer.encode(prompt)?;
         if let Some(t) = &t5_ids.truncation {
             notes.push(Self::truncation_note("T5", t));
@@ -213,11 +324,16 @@ impl Pipeline {
         if let Some(t) = &clip_ids.truncation {
             notes.push(Self::truncation_note("CLIP", t));
         }
-        let txt = self
-            .t5
+        let (t5, clip) = (&m.t5, &m.clip);
+        let txt = t5
             .backend
-            .download(&self.t5.forward(&t5_ids.ids, None)?)?; // [512, d]
-        let pooled = self.clip.forward(&clip_ids.ids, None)?.pooled; // [d]
+            .planned(&mut || t5.forward(&t5_ids.ids, None).map(drop), &mut || {
+                t5.backend.download(&t5.forward(&t5_ids.ids, None)?)
+            })?; // [512, d]
+        let pooled = clip.backend.planned(
+            &mut || clip.forward(&clip_ids.ids, None).map(drop),
+            &mut || Ok(clip.forward(&clip_ids.ids, None)?.pooled),
+        )?; // [d]
         Ok((txt, pooled))
     }
 
@@ -227,6 +343,23 @@ impl Pipeline {
     /// `[3, H, W]` (decoder output before clamping), for comparison with the reference.
     pub fn run(
         &self,
+        context: Option<&RgbImage>,
+        prompt: &str,
+        opts: &EditOptions,
+        progress: &mut dyn FnMut(&Progress),
+        stages: Option<StageHook<'_>>,
+    ) -> Result<Output> {
+        match &self.engine {
+            Engine::Cpu(m) => self.run_with(m, context, prompt, opts, progress, stages),
+            Engine::Cuda(m) => self.run_with(m, context, prompt, opts, progress, stages),
+        }
+    }
+
+    /// [`Pipeline::run`] on the given models (those of this pipeline, or the same files on
+    /// another backend), with this pipeline's tokenizers and scheduler.
+    pub fn run_with<B: EncoderBackend>(
+        &self,
+        m: &Models<B>,
         context: Option<&RgbImage>,
         prompt: &str,
         opts: &EditOptions,
@@ -241,12 +374,12 @@ impl Pipeline {
         let plan = plan(context, opts)?;
         let mut notes = plan.notes.clone();
         let mut timings = Vec::new();
-        let z = self.vae.config.z_channels;
+        let z = m.vae.config.z_channels;
 
         progress(&Progress::EncodingText);
         let t0 = Instant::now();
-        let (txt, pooled) = self.encode_prompt(prompt, &mut notes)?; // [Lt, d], [d]
-        let lt = txt.len() / self.t5.config.d_model;
+        let (txt, pooled) = self.encode_prompt_with(m, prompt, &mut notes)?; // [Lt, d], [d]
+        let lt = txt.len() / m.t5.config.d_model;
         observe("prompt_embeds", &txt);
         observe("pooled", &pooled);
         timings.push(("text", t0.elapsed()));
@@ -255,9 +388,12 @@ impl Pipeline {
         let ctx = match &plan.context {
             Some(img) => {
                 progress(&Progress::EncodingImage);
-                let latent = self
-                    .vae
-                    .encode(&img.to_tensor(), img.height, img.width, None)?; // [z, h, w]
+                let pixels = img.to_tensor(); // [3, H, W]
+                let vae = &m.vae;
+                let encode = || vae.encode(&pixels, img.height, img.width, None);
+                let latent = vae
+                    .backend
+                    .planned(&mut || encode().map(drop), &mut || encode())?; // [z, h, w]
                 Some(latent)
             }
             None => None,
@@ -291,34 +427,52 @@ impl Pipeline {
         };
         let schedule = get_schedule(opts.steps, nx, &self.scheduler);
         let ids_txt = txt_ids(lt); // [Lt, 3]
+        let flux = &m.flux;
+        let base = FluxInputs {
+            img: &[],
+            img_ids: &img_ids,
+            txt: &txt,
+            txt_ids: &ids_txt,
+            t: 1.0,
+            guidance: opts.guidance,
+            y: &pooled,
+        };
         let t0 = Instant::now();
-        for (i, w) in schedule.windows(2).enumerate() {
-            let step_start = Instant::now();
-            let img = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
-            let pred = self.flux.forward(
-                &FluxInputs {
+        // Every step has the shapes of the first: plan it, then loop in its memory.
+        let first = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
+        let mut plan_step = || {
+            let inp = FluxInputs {
+                img: &first,
+                ..base
+            };
+            flux.forward(&inp, None).map(drop)
+        };
+        let mut denoise = || -> Result<()> {
+            progress(&Progress::Denoising { steps: opts.steps });
+            for (i, w) in schedule.windows(2).enumerate() {
+                let step_start = Instant::now();
+                let img = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
+                let inp = FluxInputs {
                     img: &img,
-                    img_ids: &img_ids,
-                    txt: &txt,
-                    txt_ids: &ids_txt,
                     t: w[0],
-                    guidance: opts.guidance,
-                    y: &pooled,
-                },
-                None,
-            )?; // [Nx + Nc, 4z]
-            let v = target_rows(&pred, nx, 4 * z)?; // [Nx, 4z]
-            let dt = w[1] - w[0];
-            for (xi, vi) in x.iter_mut().zip(v) {
-                *xi += dt * vi;
+                    ..base
+                };
+                let pred = flux.forward(&inp, None)?; // [Nx + Nc, 4z]
+                let v = target_rows(&pred, nx, 4 * z)?; // [Nx, 4z]
+                let dt = w[1] - w[0];
+                for (xi, vi) in x.iter_mut().zip(v) {
+                    *xi += dt * vi;
+                }
+                observe(&format!("latents_step{}", i + 1), &x);
+                progress(&Progress::Step {
+                    step: i + 1,
+                    steps: opts.steps,
+                    took: step_start.elapsed(),
+                });
             }
-            observe(&format!("latents_step{}", i + 1), &x);
-            progress(&Progress::Step {
-                step: i + 1,
-                steps: opts.steps,
-                took: step_start.elapsed(),
-            });
-        }
+            Ok(())
+        };
+        flux.backend.planned(&mut plan_step, &mut denoise)?;
         timings.push(("denoise", t0.elapsed()));
 
         progress(&Progress::Decoding);
@@ -329,7 +483,12 @@ impl Pipeline {
             height: target.height,
             width: target.width,
         };
-        let pixels = self.vae.decode(&latent, None)?; // [3, H, W]
+        let vae = &m.vae;
+        let pixels = vae
+            .backend
+            .planned(&mut || vae.decode(&latent, None).map(drop), &mut || {
+                vae.decode(&latent, None)
+            })?; // [3, H, W]
         observe("pixels", &pixels);
         let image = RgbImage::from_tensor(&pixels, plan.width, plan.height);
         timings.push(("decode", t0.elapsed()));
@@ -342,5 +501,65 @@ impl Pipeline {
             notes,
             timings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu() -> std::result::Result<&'static str, String> {
+        Ok("GPU 0: H100")
+    }
+
+    fn no_gpu() -> std::result::Result<&'static str, String> {
+        Err("the NVIDIA driver library (libcuda.so.1) is not installed".into())
+    }
+
+    #[test]
+    fn device_selection_follows_the_request_and_the_probe() {
+        // Asked for: the CPU needs no probe; CUDA needs a GPU and says why there is none.
+        let cpu = Device::select(Some(Device::Cpu), || -> std::result::Result<&str, _> {
+            panic!("the CPU must not probe for a GPU")
+        });
+        assert_eq!(cpu.unwrap(), (Device::Cpu, None));
+        assert_eq!(
+            Device::select(Some(Device::Cuda), gpu).unwrap(),
+            (Device::Cuda, None)
+        );
+        let err = Device::select(Some(Device::Cuda), no_gpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no usable CUDA GPU") && err.contains("libcuda.so.1"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        // Not asked for: the GPU when there is one, else the CPU with a note saying why.
+        assert_eq!(Device::select(None, gpu).unwrap(), (Device::Cuda, None));
+        let (device, note) = Device::select(None, no_gpu).unwrap();
+        assert_eq!(device, Device::Cpu);
+        let note = note.expect("falling back to the CPU is noted");
+        assert!(
+            note.contains("libcuda.so.1") && note.contains("CPU"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn loading_for_cuda_without_a_gpu_is_an_error_not_a_panic() {
+        if kontext_kernels::cuda_available().is_ok() {
+            return; // a GPU machine: the GPU check loads for CUDA
+        }
+        let dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/pipeline/tiny-kontext"
+        );
+        let paths = ModelPaths::discover(std::path::Path::new(dir)).unwrap();
+        let err = match Pipeline::load(&paths, Device::Cuda) {
+            Ok(_) => panic!("loaded for CUDA without a GPU"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("no usable CUDA GPU"), "{err}");
     }
 }

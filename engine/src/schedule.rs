@@ -49,8 +49,13 @@ mod tests {
     #[test]
     fn extreme_shifts_stay_a_schedule() {
         for mu in [-1e6, -50.0, 0.0, 50.0, 1e6] {
-            let s: Vec<f64> = (0..=10).map(|i| time_shift(mu, 1.0 - i as f64 / 10.0)).collect();
-            assert!(s.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)), "mu {mu}: {s:?}");
+            let s: Vec<f64> = (0..=10)
+                .map(|i| time_shift(mu, 1.0 - i as f64 / 10.0))
+                .collect();
+            assert!(
+                s.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)),
+                "mu {mu}: {s:?}"
+            );
             assert!(s.windows(2).all(|w| w[0] >= w[1]), "mu {mu}: {s:?}");
         }
     }

@@ -96,6 +96,33 @@ impl Gpu {
             .map_err(|e| driver_err("cuStreamSynchronize", e))
     }
 
+    /// Milliseconds the stream spends on the work `f` queues: CUDA events recorded before and
+    /// after it, then waited for (host time between launches counts only where the GPU waits).
+    pub fn time_ms<E: From<KernelError>>(
+        &self,
+        f: impl FnOnce() -> std::result::Result<(), E>,
+    ) -> std::result::Result<f64, E> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let event = || {
+            self.ctx
+                .new_event(Some(CU_EVENT_DEFAULT))
+                .map_err(|e| driver_err("cuEventCreate", e))
+        };
+        let (start, end) = (event()?, event()?);
+        start
+            .record(&self.stream)
+            .map_err(|e| driver_err("cuEventRecord", e))?;
+        f()?;
+        end.record(&self.stream)
+            .map_err(|e| driver_err("cuEventRecord", e))?;
+        end.synchronize()
+            .map_err(|e| driver_err("cuEventSynchronize", e))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(|e| driver_err("cuEventElapsedTime", e))?;
+        Ok(ms as f64)
+    }
+
     /// After a launch: with `KONTEXT_CUDA_SYNC=1`, waits for it and names the kernel on a fault.
     pub(crate) fn launched(&self, kernel: &str) -> Result<()> {
         if self.sync_each_launch {

@@ -1,0 +1,987 @@
+//! The CUDA backend: the transformer's op set on an NVIDIA GPU, on top of kontext-kernels. The
+//! encoders' ops are in [`crate::cuda_encoder`]. Checked op by op against [`crate::cpu`] by the GPU
+//! check (`engine/examples/gpu_check.rs`).
+//!
+//! Numerics: activations are bf16 in device memory; every kernel computes in f32 and rounds once
+//! when it stores; products accumulate in f32 (cuBLASLt, `CUBLAS_COMPUTE_32F`). Host data comes
+//! in as f32 and stays f32 on the device ([`Backend::upload`]): the RoPE table and T5's position
+//! bias are read in f32 by their kernels, and an op whose kernel reads bf16 first casts an f32
+//! operand (one rounding, the same the reference model in bf16 does).
+//!
+//! Tensors: every [`CudaTensor`] is a contiguous row-major `[rows, cols]` matrix of its own (slices
+//! and concatenations copy, so in-place ops never reach through a view into another tensor).
+//!
+//! Memory: weights are uploaded once, at load, each its own allocation. Activations come from the
+//! current *scope* of the calling thread:
+//! - none: each tensor is its own device allocation (ops called one by one, as in a check);
+//! - a pool ([`Backend::planned`]): the work is first run as a plan — same calls, same shapes,
+//!   outputs taken from a planning [`Pool`] with no memory, no launches — which measures the peak;
+//!   one pool of exactly that size is allocated and the real run takes every tensor from it.
+//!   Placement in a pool is deterministic, so the real run fits by construction, and a loop of
+//!   forwards (the denoising loop) makes no device allocation at all, which
+//!   [`kontext_kernels::Gpu::allocations`] lets a check assert.
+//!
+//! The scope is per thread, so concurrent requests on one backend each plan and use their own
+//! pool (the GPU still runs their work in order, on one stream).
+//!
+//! Weights: linear layers are bf16 `[out, in]` with a bf16 bias (the GEMM epilogue's type), except
+//! fp8 checkpoint weights, which stay fp8 on the GPU with their per-part scales (1 byte per weight:
+//! the transformer is 11.9 GB instead of 23.8) and are dequantised by `fp8.cu` into a bf16 scratch
+//! tensor of the current scope right before their GEMM. Parameter vectors are f32.
+//!
+//! [`CudaBackend::planner`] is the same backend without a GPU, planning only: it runs the model
+//! code's shape flow and measures activation memory on machines without a GPU (the unit tests).
+
+#![warn(missing_docs)]
+
+use crate::backend::Backend;
+use crate::error::{shape_err, EngineError, Result};
+use crate::layers::{LN_EPS, RMS_EPS};
+use crate::weights::{HostWeight, StoredWeight};
+use half::bf16;
+use kontext_kernels::arena::{Pool, PoolRegion};
+use kontext_kernels::attention::{AttentionOpts, MAX_HEAD_DIM};
+use kontext_kernels::elementwise::Unary;
+use kontext_kernels::gemm::Gemm;
+use kontext_kernels::weights::{upload_weight, DeviceWeight, HostDType};
+use kontext_kernels::{DType, DeviceMat, Gpu, Kernels};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Largest score block of the wide-head attention path (f32 `[bq, L]`): 256 MiB. The VAE's
+/// mid-block at 1024² has L = 16384, so 4096 queries per block.
+const ATTN_SCORE_BYTES: usize = 256 << 20;
+
+/// What the GPU side holds: the device, every kernel function, cuBLASLt.
+pub(crate) struct Device {
+    pub(crate) gpu: Arc<Gpu>,
+    pub(crate) k: Kernels,
+    pub(crate) gemm: Gemm,
+}
+
+struct Shared {
+    /// None: a planner without a GPU.
+    dev: Option<Device>,
+    /// Fill every new activation with 0xFF bytes (NaN) before its op writes it.
+    poison: AtomicBool,
+    /// Bytes of the last pool [`Backend::planned`] allocated.
+    last_pool_bytes: AtomicUsize,
+}
+
+/// The CUDA backend. Cheap to clone: clones share the GPU, the kernels and the weights' device.
+#[derive(Clone)]
+pub struct CudaBackend {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.shared.dev {
+            Some(d) => write!(f, "CudaBackend({})", d.gpu.info),
+            None => write!(f, "CudaBackend(planner)"),
+        }
+    }
+}
+
+/// Where a thread's new activations come from (see the module docs).
+#[derive(Clone)]
+struct Scope {
+    /// The backend this scope belongs to (the address of its shared state).
+    owner: usize,
+    pool: Pool,
+    /// A plan: regions without memory, no launches.
+    planning: bool,
+}
+
+thread_local! {
+    static SCOPE: RefCell<Option<Scope>> = const { RefCell::new(None) };
+}
+
+/// Restores the previous scope of the thread when dropped (also on an error or a panic).
+struct ScopeGuard(Option<Scope>);
+
+impl Drop for ScopeGuard {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        SCOPE.with(|s| *s.borrow_mut() = prev);
+    }
+}
+
+/// A device activation: a contiguous row-major `[rows, cols]` matrix, bf16 (op outputs) or f32
+/// (uploads). In a plan it has a pool region but no memory.
+pub struct CudaTensor {
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    mem: Mem,
+}
+
+enum Mem {
+    Device(DeviceMat),
+    Planned { _region: Arc<PoolRegion> },
+}
+
+impl std::fmt::Debug for CudaTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.mem {
+            Mem::Device(_) => "",
+            Mem::Planned { .. } => " (planned)",
+        };
+        write!(
+            f,
+            "CudaTensor[{}, {}] {}{kind}",
+            self.rows, self.cols, self.dtype
+        )
+    }
+}
+
+impl CudaTensor {
+    /// Rows (tokens, pixels).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (features, channels).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Element type in device memory.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device matrix; an error for a tensor of a plan, which has no memory.
+    pub fn mat(&self) -> Result<&DeviceMat> {
+        match &self.mem {
+            Mem::Device(m) => Ok(m),
+            Mem::Planned { .. } => Err(shape_err(
+                "cuda",
+                format!(
+                    "internal: a planned [{}, {}] tensor reached a launch",
+                    self.rows, self.cols
+                ),
+            )),
+        }
+    }
+}
+
+/// An operand in the type a kernel reads: the tensor itself, or a converted copy.
+pub(crate) enum Operand<'a> {
+    Same(&'a CudaTensor),
+    Cast(CudaTensor),
+}
+
+impl Deref for Operand<'_> {
+    type Target = CudaTensor;
+    fn deref(&self) -> &CudaTensor {
+        match self {
+            Operand::Same(t) => t,
+            Operand::Cast(t) => t,
+        }
+    }
+}
+
+/// A linear layer on the GPU: weight `[out, in]` (bf16, or fp8 with its scales) and a bf16 bias
+/// `[1, out]`.
+pub struct CudaLinear {
+    /// Output features.
+    pub out: usize,
+    /// Input features.
+    pub inp: usize,
+    /// Whether the weight is fp8 (dequantised into a scratch tensor before each GEMM).
+    pub fp8: bool,
+    weight: Option<DeviceWeight>,
+    bias: Option<DeviceMat>,
+}
+
+impl CudaLinear {
+    fn weight(&self) -> Result<&DeviceWeight> {
+        self.weight
+            .as_ref()
+            .ok_or_else(|| shape_err("linear", "internal: a planner's weight reached a launch"))
+    }
+
+    /// Device bytes of the weight and bias (0 for a planner's).
+    pub fn device_bytes(&self) -> usize {
+        let w = self.weight.as_ref().map_or(0, |w| {
+            let d = w.data.desc();
+            d.span_bytes()
+        });
+        w + self.bias.as_ref().map_or(0, |b| b.desc().span_bytes())
+    }
+}
+
+/// A parameter vector on the GPU: f32 `[1, n]`.
+pub struct CudaVector {
+    /// Length.
+    pub n: usize,
+    mat: Option<DeviceMat>,
+}
+
+impl CudaVector {
+    pub(crate) fn mat(&self) -> Result<&DeviceMat> {
+        self.mat
+            .as_ref()
+            .ok_or_else(|| shape_err("vector", "internal: a planner's vector reached a launch"))
+    }
+}
+
+/// The checkpoint's element type in the kernels' terms.
+fn host_dtype(key: &str, d: kontext_loader::DType) -> Result<HostDType> {
+    use kontext_loader::DType as L;
+    Ok(match d {
+        L::F32 => HostDType::F32,
+        L::F16 => HostDType::F16,
+        L::BF16 => HostDType::Bf16,
+        L::F8E4M3 => HostDType::F8E4M3,
+        L::F8E5M2 => HostDType::F8E5M2,
+        other => {
+            return Err(shape_err(
+                "load_linear",
+                format!("{key}: a {} tensor is not a weight", other.name()),
+            ))
+        }
+    })
+}
+
+/// f32 values → little-endian bf16 bytes (round to nearest even), in parallel.
+pub(crate) fn bf16_bytes(data: &[f32]) -> Vec<u8> {
+    let mut bytes = vec![0u8; data.len() * 2];
+    bytes
+        .par_chunks_mut(2)
+        .zip(data.par_iter())
+        .for_each(|(b, &v)| b.copy_from_slice(&bf16::from_f32(v).to_le_bytes()));
+    bytes
+}
+
+pub(crate) fn check_same(op: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
+    if (a.rows, a.cols) != (b.rows, b.cols) {
+        return Err(shape_err(
+            op,
+            format!(
+                "operands [{}, {}] and [{}, {}] differ",
+                a.rows, a.cols, b.rows, b.cols
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_row_vector(
+    op: &'static str,
+    what: &str,
+    v: &CudaTensor,
+    cols: usize,
+) -> Result<()> {
+    if v.rows != 1 || v.cols != cols {
+        return Err(shape_err(
+            op,
+            format!("{what} is [{}, {}], expected [1, {cols}]", v.rows, v.cols),
+        ));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, compiles (or loads from the cache) every kernel family and creates
+    /// the cuBLASLt handle. No GPU, no driver or no CUDA libraries is an error, never a panic.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        let gpu = Gpu::new(ordinal)?;
+        let k = Kernels::load(&gpu)?;
+        let gemm = Gemm::new(&gpu)?;
+        Ok(CudaBackend {
+            shared: Arc::new(Shared {
+                dev: Some(Device { gpu, k, gemm }),
+                poison: AtomicBool::new(false),
+                last_pool_bytes: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// The backend without a GPU, planning only: every op checks its operands' shapes, takes its
+    /// output from the planning pool of the current scope and launches nothing; downloads give
+    /// zeros and weights hold no data. Measures activation memory and exercises the model code's
+    /// shape flow on machines without a GPU.
+    pub fn planner() -> CudaBackend {
+        CudaBackend {
+            shared: Arc::new(Shared {
+                dev: None,
+                poison: AtomicBool::new(false),
+                last_pool_bytes: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The GPU (None for a planner).
+    pub fn gpu(&self) -> Option<&Arc<Gpu>> {
+        self.shared.dev.as_ref().map(|d| &d.gpu)
+    }
+
+    /// What loading the kernels did (None for a planner).
+    pub fn kernels_report(&self) -> Option<&kontext_kernels::LoadReport> {
+        self.shared.dev.as_ref().map(|d| &d.k.report)
+    }
+
+    /// When on, every new activation is filled with NaN (0xFF bytes) before its op writes it, so
+    /// an element an op fails to write shows in any comparison. For checks; costs a memset per
+    /// tensor.
+    pub fn set_poison(&self, on: bool) {
+        self.shared.poison.store(on, Ordering::Relaxed);
+    }
+
+    /// Bytes of the pool the last [`Backend::planned`] call allocated (or planned).
+    pub fn last_pool_bytes(&self) -> usize {
+        self.shared.last_pool_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Host f32 `[rows, cols]` → a bf16 tensor (rounded to nearest even): an input that enters
+    /// ops without a cast (timings; `upload` keeps f32).
+    pub fn upload_bf16(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        let x = self.upload(data, rows, cols)?;
+        let y = self.tensor(DType::Bf16, rows, cols, "upload_bf16")?;
+        if rows * cols > 0 {
+            self.launch(|d| Ok(d.k.cast(x.mat()?, y.mat()?)?))?;
+        }
+        Ok(y)
+    }
+
+    /// Runs `f` with this thread's new activations from `pool` (a plan when `planning`).
+    pub fn with_scope<T>(
+        &self,
+        pool: Pool,
+        planning: bool,
+        f: &mut dyn FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let scope = Scope {
+            owner: self.id(),
+            pool,
+            planning: planning || self.shared.dev.is_none(),
+        };
+        let prev = SCOPE.with(|s| s.borrow_mut().replace(scope));
+        let _guard = ScopeGuard(prev);
+        f()
+    }
+
+    /// Runs `f` as a plan and returns the bytes a pool needs for it.
+    pub fn plan_bytes(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<usize> {
+        let plan = Pool::plan();
+        self.with_scope(plan.clone(), true, f)?;
+        Ok(plan.peak())
+    }
+
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.shared) as usize
+    }
+
+    fn scope(&self) -> Option<Scope> {
+        SCOPE.with(|s| {
+            s.borrow()
+                .as_ref()
+                .filter(|s| s.owner == self.id())
+                .cloned()
+        })
+    }
+
+    /// Whether ops only plan (a planner, or a planning scope).
+    pub(crate) fn planning(&self) -> bool {
+        self.shared.dev.is_none() || self.scope().is_some_and(|s| s.planning)
+    }
+
+    pub(crate) fn dev(&self) -> Result<&Device> {
+        self.shared
+            .dev
+            .as_ref()
+            .ok_or_else(|| shape_err("cuda", "a planner has no GPU"))
+    }
+
+    /// Queues `f`'s launches, unless this is a plan.
+    pub(crate) fn launch(&self, f: impl FnOnce(&Device) -> Result<()>) -> Result<()> {
+        if self.planning() {
+            return Ok(());
+        }
+        f(self.dev()?)
+    }
+
+    /// A new `[rows, cols]` activation of `dtype` from the current scope (poisoned when asked).
+    pub(crate) fn tensor(
+        &self,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        what: &str,
+    ) -> Result<CudaTensor> {
+        let bytes = rows * cols * dtype.size();
+        let scope = self.scope();
+        let mem = match (&self.shared.dev, scope) {
+            (Some(_), Some(s)) if !s.planning => Mem::Device(s.pool.mat(dtype, rows, cols, what)?),
+            (_, Some(s)) => Mem::Planned {
+                _region: s.pool.region(bytes, what)?,
+            },
+            (Some(d), None) => Mem::Device(d.gpu.alloc_mat(dtype, rows, cols)?),
+            (None, None) => Mem::Planned {
+                _region: Pool::plan().region(bytes, what)?,
+            },
+        };
+        if let Mem::Device(m) = &mem {
+            if self.shared.poison.load(Ordering::Relaxed) {
+                self.dev()?.gpu.fill_bytes(m, 0xFF)?;
+            }
+        }
+        Ok(CudaTensor {
+            rows,
+            cols,
+            dtype,
+            mem,
+        })
+    }
+
+    /// `x` as `dtype` (bf16 or f32): itself, or a converted copy from the current scope.
+    pub(crate) fn as_dtype<'a>(
+        &self,
+        x: &'a CudaTensor,
+        dtype: DType,
+        what: &str,
+    ) -> Result<Operand<'a>> {
+        if x.dtype == dtype {
+            return Ok(Operand::Same(x));
+        }
+        let y = self.tensor(dtype, x.rows, x.cols, what)?;
+        self.launch(|d| Ok(d.k.cast(x.mat()?, y.mat()?)?))?;
+        Ok(Operand::Cast(y))
+    }
+
+    /// `x` as bf16, shorthand of [`CudaBackend::as_dtype`].
+    pub(crate) fn bf16<'a>(&self, x: &'a CudaTensor, what: &str) -> Result<Operand<'a>> {
+        self.as_dtype(x, DType::Bf16, what)
+    }
+
+    /// Turns an f32 tensor that an op updates in place into bf16 first.
+    pub(crate) fn make_bf16(&self, x: &mut CudaTensor, what: &str) -> Result<()> {
+        if x.dtype != DType::Bf16 {
+            let y = self.tensor(DType::Bf16, x.rows, x.cols, what)?;
+            self.launch(|d| Ok(d.k.cast(x.mat()?, y.mat()?)?))?;
+            *x = y;
+        }
+        Ok(())
+    }
+
+    /// Copies the view `src` (bf16 or f32) into the bf16 view `dst` of the same shape.
+    pub(crate) fn copy_into(d: &Device, src: &DeviceMat, dst: &DeviceMat) -> Result<()> {
+        if src.dtype() == DType::F32 {
+            d.k.cast(src, dst)?;
+        } else {
+            d.k.copy2d(src, dst)?;
+        }
+        Ok(())
+    }
+
+    /// `y = f(x)` elementwise into a new bf16 tensor (an f32 `x` is cast into `y` first).
+    pub(crate) fn unary(&self, f: Unary, x: &CudaTensor, what: &str) -> Result<CudaTensor> {
+        let y = self.tensor(DType::Bf16, x.rows, x.cols, what)?;
+        self.launch(|d| {
+            let (xm, ym) = (x.mat()?, y.mat()?);
+            if x.dtype == DType::F32 {
+                d.k.cast(xm, ym)?;
+                d.k.unary(f, ym, ym)?;
+            } else {
+                d.k.unary(f, xm, ym)?;
+            }
+            Ok(())
+        })?;
+        Ok(y)
+    }
+
+    /// A bf16 linear layer from f32 values `[out, inp]` and a bias.
+    fn linear_from_f32(
+        &self,
+        out: usize,
+        inp: usize,
+        data: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<CudaLinear> {
+        let Some(d) = &self.shared.dev else {
+            return Ok(CudaLinear {
+                out,
+                inp,
+                fp8: false,
+                weight: None,
+                bias: None,
+            });
+        };
+        let m = d.gpu.alloc_mat(DType::Bf16, out, inp)?;
+        d.gpu.write_bytes(&m, &bf16_bytes(data))?;
+        Ok(CudaLinear {
+            out,
+            inp,
+            fp8: false,
+            weight: Some(DeviceWeight::single(m, 1.0)),
+            bias: self.upload_bias(bias)?,
+        })
+    }
+
+    /// A bias `[out]` as bf16 `[1, out]` (the GEMM epilogue's type).
+    fn upload_bias(&self, bias: Option<&[f32]>) -> Result<Option<DeviceMat>> {
+        match (&self.shared.dev, bias) {
+            (Some(d), Some(b)) => Ok(Some(d.gpu.upload_bf16(b, 1, b.len())?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Attention of the transformer and the encoders (see [`Backend::attention`] and
+    /// `EncoderBackend::attention_masked`): the fused kernel for even head dims up to 128; wider
+    /// heads (the VAE's single 512-wide head) as two GEMMs around a row softmax, in blocks of
+    /// queries.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_impl(
+        &self,
+        op: &'static str,
+        qkv: &CudaTensor,
+        (heads, hd): (usize, usize),
+        scale: f32,
+        bias: Option<&CudaTensor>,
+        causal: bool,
+    ) -> Result<CudaTensor> {
+        let (l, w) = (qkv.rows, qkv.cols);
+        let d = heads * hd;
+        if hd == 0 || w < 3 * d {
+            return Err(shape_err(
+                op,
+                format!(
+                    "qkv [{l}, {w}] cannot hold q, k, v of {heads} heads × {hd} (needs {} columns)",
+                    3 * d
+                ),
+            ));
+        }
+        if let Some(b) = bias {
+            if (b.rows, b.cols) != (heads * l, l) {
+                return Err(shape_err(
+                    op,
+                    format!(
+                        "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
+                        b.rows,
+                        b.cols,
+                        heads * l
+                    ),
+                ));
+            }
+        }
+        let fused = hd % 2 == 0 && hd <= MAX_HEAD_DIM;
+        if !fused && (bias.is_some() || causal) {
+            return Err(shape_err(
+                op,
+                format!(
+                    "head dim {hd}: heads wider than {MAX_HEAD_DIM} (or odd) run as GEMMs + \
+                     softmax, which take neither a bias nor a causal mask on CUDA"
+                ),
+            ));
+        }
+        let qkv = self.bf16(qkv, op)?;
+        let bias = bias.map(|b| self.as_dtype(b, DType::F32, op)).transpose()?;
+        let out = self.tensor(DType::Bf16, l, d, op)?;
+        if l == 0 || d == 0 {
+            return Ok(out);
+        }
+        if fused {
+            self.launch(|dv| {
+                let bias_desc = bias
+                    .as_ref()
+                    .map(|b| b.mat().map(|m| m.desc()))
+                    .transpose()?;
+                let opts = AttentionOpts {
+                    scale,
+                    causal,
+                    bias: bias_desc.as_ref(),
+                };
+                Ok(dv.k.attention(qkv.mat()?, heads, hd, opts, out.mat()?)?)
+            })?;
+            return Ok(out);
+        }
+        let bq = (ATTN_SCORE_BYTES / (l * 4)).clamp(1, l);
+        let s = self.tensor(DType::F32, bq, l, "attention scores")?;
+        let p = self.tensor(DType::Bf16, bq, l, "attention probabilities")?;
+        self.launch(|dv| {
+            let (qm, om) = (qkv.mat()?, out.mat()?);
+            for h in 0..heads {
+                let k = qm.cols_range(d + h * hd, d + (h + 1) * hd)?; // [L, Dh]
+                let v = qm.cols_range(2 * d + h * hd, 2 * d + (h + 1) * hd)?; // [L, Dh]
+                for q0 in (0..l).step_by(bq) {
+                    let n = bq.min(l - q0);
+                    let q = qm
+                        .rows_range(q0, q0 + n)?
+                        .cols_range(h * hd, (h + 1) * hd)?;
+                    let (sv, pv) = (s.mat()?.rows_range(0, n)?, p.mat()?.rows_range(0, n)?);
+                    dv.gemm.matmul(&q, false, &k, true, &sv, None, 1.0, 0.0)?; // [n, L] f32
+                    dv.k.softmax_rows(&sv, scale, &pv)?; // [n, L] bf16
+                    let o = om
+                        .rows_range(q0, q0 + n)?
+                        .cols_range(h * hd, (h + 1) * hd)?;
+                    dv.gemm.matmul(&pv, false, &v, false, &o, None, 1.0, 0.0)?; // [n, Dh]
+                }
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Linear = CudaLinear;
+    type Vector = CudaVector;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(shape_err(
+                "tensor",
+                format!("{} values cannot be [{rows}, {cols}]", data.len()),
+            ));
+        }
+        let t = self.tensor(DType::F32, rows, cols, "upload")?;
+        self.launch(|d| Ok(d.gpu.write_f32(t.mat()?, data)?))?;
+        Ok(t)
+    }
+
+    fn download(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        if self.planning() {
+            return Ok(vec![0.0; x.rows * x.cols]);
+        }
+        Ok(self.dev()?.gpu.read_f32(x.mat()?)?)
+    }
+
+    fn dims(&self, x: &CudaTensor) -> (usize, usize) {
+        (x.rows, x.cols)
+    }
+
+    fn load_linear(
+        &self,
+        key: &str,
+        weight: HostWeight,
+        bias: Option<HostWeight>,
+    ) -> Result<CudaLinear> {
+        let [out, inp] = weight.shape[..] else {
+            return Err(shape_err(
+                "load_linear",
+                format!("{key}: weight shape {:?} is not 2-D", weight.shape),
+            ));
+        };
+        weight.expect_shape(key, &[out, inp])?;
+        if let Some(b) = &bias {
+            b.expect_shape(&format!("{key} (bias)"), &[out])?;
+        }
+        self.linear_from_f32(out, inp, &weight.data, bias.as_ref().map(|b| &b.data[..]))
+    }
+
+    fn load_linear_stored(
+        &self,
+        key: &str,
+        weight: StoredWeight<'_>,
+        bias: Option<HostWeight>,
+    ) -> Result<CudaLinear> {
+        let (out, inp) = (weight.rows(), weight.cols());
+        weight.expect_shape(key, &weight.shape.clone())?;
+        if let Some(b) = &bias {
+            b.expect_shape(&format!("{key} (bias)"), &[out])?;
+        }
+        let dtype = host_dtype(key, weight.dtype)?;
+        let fp8 = matches!(dtype, HostDType::F8E4M3 | HostDType::F8E5M2);
+        let Some(d) = &self.shared.dev else {
+            return Ok(CudaLinear {
+                out,
+                inp,
+                fp8,
+                weight: None,
+                bias: None,
+            });
+        };
+        let bias_dev = self.upload_bias(bias.as_ref().map(|b| &b.data[..]))?;
+        if fp8 {
+            // fp8 stays fp8, each part with its scale; dequantised before each GEMM.
+            let parts: Vec<(&[u8], f32)> = weight
+                .parts
+                .iter()
+                .map(|p| (&p.bytes[..], p.scale))
+                .collect();
+            let w = upload_weight(&d.gpu, &parts, dtype, out, inp)?;
+            return Ok(CudaLinear {
+                out,
+                inp,
+                fp8,
+                weight: Some(w),
+                bias: bias_dev,
+            });
+        }
+        // bf16 without a scale is copied as stored; anything else through f32 to bf16.
+        let m = d.gpu.alloc_mat(DType::Bf16, out, inp)?;
+        let mut row0 = 0;
+        for p in &weight.parts {
+            let dst = m.rows_range(row0, row0 + p.rows)?;
+            if dtype == HostDType::Bf16 && p.scale == 1.0 {
+                d.gpu.write_bytes(&dst, &p.bytes)?;
+            } else {
+                let mut v = Vec::with_capacity(p.rows * inp);
+                kontext_loader::dtype::decode_into(weight.dtype, &p.bytes, p.scale, &mut v);
+                d.gpu.write_bytes(&dst, &bf16_bytes(&v))?;
+            }
+            row0 += p.rows;
+        }
+        Ok(CudaLinear {
+            out,
+            inp,
+            fp8,
+            weight: Some(DeviceWeight::single(m, 1.0)),
+            bias: bias_dev,
+        })
+    }
+
+    fn load_vector(&self, key: &str, v: HostWeight) -> Result<CudaVector> {
+        v.expect_shape(key, &[v.data.len()])?;
+        let mat = match &self.shared.dev {
+            Some(d) => Some(d.gpu.upload_f32(&v.data, 1, v.data.len())?),
+            None => None,
+        };
+        Ok(CudaVector {
+            n: v.data.len(),
+            mat,
+        })
+    }
+
+    fn planned<T>(
+        &self,
+        step: &mut dyn FnMut() -> Result<()>,
+        body: &mut dyn FnMut() -> Result<T>,
+    ) -> Result<T> {
+        let bytes = self.plan_bytes(step)?;
+        self.shared.last_pool_bytes.store(bytes, Ordering::Relaxed);
+        match &self.shared.dev {
+            Some(d) => self.with_scope(Pool::new(&d.gpu, bytes)?, false, body),
+            None => self.with_scope(Pool::plan(), true, body),
+        }
+    }
+
+    fn linear(&self, x: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
+        if x.cols != w.inp {
+            return Err(shape_err(
+                "linear",
+                format!(
+                    "x [{}, {}] but weight [{}, {}]",
+                    x.rows, x.cols, w.out, w.inp
+                ),
+            ));
+        }
+        if w.inp == 0 && x.rows > 0 && w.out > 0 {
+            return Err(shape_err(
+                "linear",
+                "a linear layer with no inputs is not supported on CUDA",
+            ));
+        }
+        let x = self.bf16(x, "linear")?;
+        let y = self.tensor(DType::Bf16, x.rows, w.out, "linear")?;
+        if x.rows == 0 || w.out == 0 {
+            return Ok(y);
+        }
+        let scratch = if w.fp8 {
+            Some(self.tensor(DType::Bf16, w.out, w.inp, "fp8 weight as bf16")?)
+        } else {
+            None
+        };
+        self.launch(|d| {
+            let weight = w.weight()?;
+            let wm = match &scratch {
+                Some(s) => {
+                    let s = s.mat()?;
+                    d.k.dequant_fp8(weight, s)?;
+                    s
+                }
+                None => &weight.data,
+            };
+            Ok(d.gemm.linear(x.mat()?, wm, w.bias.as_ref(), y.mat()?)?)
+        })?;
+        Ok(y)
+    }
+
+    fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary(Unary::Silu, x, "silu")
+    }
+
+    fn gelu_tanh(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.unary(Unary::GeluTanh, x, "gelu_tanh")
+    }
+
+    fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
+        check_same("add_assign", a, b)?;
+        self.make_bf16(a, "add_assign")?;
+        let b = self.bf16(b, "add_assign")?;
+        self.launch(|d| Ok(d.k.add_assign(a.mat()?, b.mat()?)?))
+    }
+
+    fn norm_modulate(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        check_row_vector("norm_modulate", "shift", shift, x.cols)?;
+        check_row_vector("norm_modulate", "scale", scale, x.cols)?;
+        let x = self.bf16(x, "norm_modulate")?;
+        let shift = self.bf16(shift, "norm_modulate")?;
+        let scale = self.bf16(scale, "norm_modulate")?;
+        let y = self.tensor(DType::Bf16, x.rows, x.cols, "norm_modulate")?;
+        if x.rows == 0 || x.cols == 0 {
+            return Ok(y);
+        }
+        self.launch(|d| {
+            Ok(d.k.norm_modulate(x.mat()?, shift.mat()?, scale.mat()?, y.mat()?, LN_EPS)?)
+        })?;
+        Ok(y)
+    }
+
+    fn qk_norm_rope(
+        &self,
+        qkv: &mut CudaTensor,
+        num_heads: usize,
+        q_scale: &CudaVector,
+        k_scale: &CudaVector,
+        pe: &CudaTensor,
+        pe_row0: usize,
+    ) -> Result<()> {
+        let hd = q_scale.n;
+        let d = num_heads * hd;
+        if hd == 0 || hd % 2 != 0 || k_scale.n != hd || num_heads == 0 {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "q scale [{hd}] and k scale [{}] must have one even head dim ({num_heads} heads)",
+                    k_scale.n
+                ),
+            ));
+        }
+        if qkv.cols < 2 * d {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "qkv [{}, {}] is narrower than q and k of {num_heads} heads × {hd} = {}",
+                    qkv.rows,
+                    qkv.cols,
+                    2 * d
+                ),
+            ));
+        }
+        if pe.cols != hd || pe_row0 + qkv.rows > pe.rows {
+            return Err(shape_err(
+                "qk_norm_rope",
+                format!(
+                    "pe [{}, {}] has no rows [{pe_row0}, {}) of width {hd}",
+                    pe.rows,
+                    pe.cols,
+                    pe_row0 + qkv.rows
+                ),
+            ));
+        }
+        self.make_bf16(qkv, "qk_norm_rope")?;
+        let pe = self.as_dtype(pe, DType::F32, "qk_norm_rope")?;
+        if qkv.rows == 0 {
+            return Ok(());
+        }
+        self.launch(|dv| {
+            Ok(dv.k.qk_norm_rope(
+                qkv.mat()?,
+                num_heads,
+                q_scale.mat()?,
+                k_scale.mat()?,
+                pe.mat()?,
+                pe_row0,
+                RMS_EPS,
+            )?)
+        })
+    }
+
+    fn attention(&self, qkv: &CudaTensor, num_heads: usize, head_dim: usize) -> Result<CudaTensor> {
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        self.attention_impl("attention", qkv, (num_heads, head_dim), scale, None, false)
+    }
+
+    fn gate_residual(&self, x: &mut CudaTensor, gate: &CudaTensor, y: &CudaTensor) -> Result<()> {
+        check_same("gate_residual", x, y)?;
+        check_row_vector("gate_residual", "gate", gate, x.cols)?;
+        self.make_bf16(x, "gate_residual")?;
+        let gate = self.bf16(gate, "gate_residual")?;
+        let y = self.bf16(y, "gate_residual")?;
+        self.launch(|d| Ok(d.k.gate_residual(x.mat()?, gate.mat()?, y.mat()?)?))
+    }
+
+    fn concat_rows(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        if a.cols != b.cols {
+            return Err(shape_err(
+                "concat_rows",
+                format!(
+                    "[{}, {}] and [{}, {}] differ in width",
+                    a.rows, a.cols, b.rows, b.cols
+                ),
+            ));
+        }
+        let y = self.tensor(DType::Bf16, a.rows + b.rows, a.cols, "concat_rows")?;
+        self.launch(|d| {
+            let ym = y.mat()?;
+            Self::copy_into(d, a.mat()?, &ym.rows_range(0, a.rows)?)?;
+            Self::copy_into(d, b.mat()?, &ym.rows_range(a.rows, a.rows + b.rows)?)
+        })?;
+        Ok(y)
+    }
+
+    fn concat_cols(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
+        if a.rows != b.rows {
+            return Err(shape_err(
+                "concat_cols",
+                format!(
+                    "[{}, {}] and [{}, {}] differ in rows",
+                    a.rows, a.cols, b.rows, b.cols
+                ),
+            ));
+        }
+        let y = self.tensor(DType::Bf16, a.rows, a.cols + b.cols, "concat_cols")?;
+        self.launch(|d| {
+            let ym = y.mat()?;
+            Self::copy_into(d, a.mat()?, &ym.cols_range(0, a.cols)?)?;
+            Self::copy_into(d, b.mat()?, &ym.cols_range(a.cols, a.cols + b.cols)?)
+        })?;
+        Ok(y)
+    }
+
+    fn slice_rows(&self, x: &CudaTensor, begin: usize, end: usize) -> Result<CudaTensor> {
+        if begin > end || end > x.rows {
+            return Err(shape_err(
+                "slice_rows",
+                format!("rows [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
+            ));
+        }
+        let y = self.tensor(DType::Bf16, end - begin, x.cols, "slice_rows")?;
+        self.launch(|d| Self::copy_into(d, &x.mat()?.rows_range(begin, end)?, y.mat()?))?;
+        Ok(y)
+    }
+
+    fn slice_cols(&self, x: &CudaTensor, begin: usize, end: usize) -> Result<CudaTensor> {
+        if begin > end || end > x.cols {
+            return Err(shape_err(
+                "slice_cols",
+                format!("columns [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
+            ));
+        }
+        let y = self.tensor(DType::Bf16, x.rows, end - begin, "slice_cols")?;
+        self.launch(|d| Self::copy_into(d, &x.mat()?.cols_range(begin, end)?, y.mat()?))?;
+        Ok(y)
+    }
+}
+
+/// Errors with no GPU (`cuda_available` says why) before anything is loaded.
+pub fn require_gpu() -> Result<kontext_kernels::DeviceInfo> {
+    kontext_kernels::cuda_available()
+        .map_err(|why| EngineError::Gpu(kontext_kernels::KernelError::NoGpu(why)))
+}
