@@ -145,6 +145,12 @@ fn run(args: &RunArgs) -> Result<()> {
             out_dir.display()
         );
     }
+    if output.is_dir() {
+        bail!(
+            "{}: is a folder; --output names the image file to write",
+            output.display()
+        );
+    }
     if let Some(image) = &args.image {
         if same_file(image, output) {
             bail!(
@@ -200,6 +206,8 @@ fn run(args: &RunArgs) -> Result<()> {
             ResizeArg::None => ResizePolicy::None,
         },
     };
+    // Everything about the request that can be wrong is checked before the model loads.
+    opts.validate()?;
 
     let t0 = Instant::now();
     let paths = ModelPaths::discover(model)?;

@@ -185,6 +185,30 @@ fn bad_inputs_give_one_line_errors() {
         ]),
         "noise is for a 64×48 output",
     );
+    // Request mistakes are reported before any model is read (the model path does not exist).
+    for (flag, value, needle) in [
+        ("--steps", "0", "steps must be between 1 and 1000"),
+        ("--guidance", "nan", "guidance must be a finite number"),
+        ("--width", "5", "width 5 is below 16"),
+    ] {
+        let r = run(&[
+            "--model",
+            "/nonexistent/model",
+            "--prompt",
+            "x",
+            "--device",
+            "cpu",
+            "--output",
+            s(&out),
+            flag,
+            value,
+        ]);
+        assert_one_line_error(&r, needle);
+    }
+    // An output path that is a folder is refused before the work, not at the final rename.
+    let dir_png = d.path().join("folder.png");
+    std::fs::create_dir(&dir_png).unwrap();
+    assert_one_line_error(&base(&["--output", s(&dir_png)]), "is a folder");
     // A model folder without its parts.
     let empty = d.path().join("empty-model");
     std::fs::create_dir(&empty).unwrap();

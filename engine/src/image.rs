@@ -208,8 +208,23 @@ impl RgbImage {
 
     /// From the VAE output [3, H, W] in [-1, 1]: `round(255 · clamp(x/2 + 0.5, 0, 1))`
     /// (diffusers' rule, spec 3.6).
-    pub fn from_tensor(t: &[f32], width: usize, height: usize) -> RgbImage {
+    /// Fails on a length other than `3·H·W` or on NaN/Inf (a broken model must not become a
+    /// black picture).
+    pub fn from_tensor(t: &[f32], width: usize, height: usize) -> Result<RgbImage> {
         let hw = width * height;
+        if t.len() != 3 * hw {
+            return Err(EngineError::Input {
+                name: "pixels",
+                len: t.len(),
+                expected: 3 * hw,
+                shape: format!("[3, {height}, {width}]"),
+            });
+        }
+        if let Some(i) = t.iter().position(|v| !v.is_finite()) {
+            return Err(EngineError::Config(format!(
+                "the decoder produced a non-finite value (pixel value {i} of [3, {height}, {width}]); the autoencoder weights or config are broken"
+            )));
+        }
         let mut pixels = vec![0u8; 3 * hw];
         for i in 0..hw {
             for c in 0..3 {
@@ -217,11 +232,11 @@ impl RgbImage {
                 pixels[i * 3 + c] = (v * 255.0).round() as u8;
             }
         }
-        RgbImage {
+        Ok(RgbImage {
             width,
             height,
             pixels,
-        }
+        })
     }
 
     /// Writes PNG or JPEG (quality 95) by the extension of `path`, atomically: the image goes to
@@ -391,7 +406,11 @@ mod tests {
         let t = img.to_tensor();
         assert_eq!(t.len(), 24);
         assert_eq!(t[0], -1.0);
-        assert_eq!(RgbImage::from_tensor(&t, 4, 2), img);
+        assert_eq!(RgbImage::from_tensor(&t, 4, 2).unwrap(), img);
+        assert!(RgbImage::from_tensor(&t[1..], 4, 2).is_err());
+        let mut nan = t.clone();
+        nan[5] = f32::NAN;
+        assert!(RgbImage::from_tensor(&nan, 4, 2).is_err());
     }
 
     #[test]

@@ -204,6 +204,13 @@ impl<B: EncoderBackend> Models<B> {
                 f.in_channels, f.out_channels
             ));
         }
+        let v = &self.vae.config;
+        if v.in_channels != 3 || v.out_channels != 3 {
+            problems.push(format!(
+                "VAE has {} input / {} output channels; images are RGB (3)",
+                v.in_channels, v.out_channels
+            ));
+        }
         if self.vae.downscale() != 8 {
             problems.push(format!(
                 "VAE downscales by {}, Kontext needs 8",
@@ -225,10 +232,7 @@ impl Pipeline {
     /// Loads every part found by [`ModelPaths::discover`] (or given one by one) onto `device`
     /// (for CUDA: the first GPU, its kernels compiled or taken from the cache).
     pub fn load(paths: &ModelPaths, device: Device) -> Result<Pipeline> {
-        let engine = match device {
-            Device::Cpu => Engine::Cpu(Models::load(CpuBackend, paths)?),
-            Device::Cuda => Engine::Cuda(Models::load(CudaBackend::new(0)?, paths)?),
-        };
+        // The cheap parts first: a broken tokenizer or scheduler config costs no model load.
         let root = model_root(paths);
         let need = |p: &Option<std::path::PathBuf>, part: &str| {
             p.clone().ok_or_else(|| missing(part, &root))
@@ -245,12 +249,56 @@ impl Pipeline {
             Some(p) => SchedulerConfig::read(p)?,
             None => SchedulerConfig::default(),
         };
-        Ok(Pipeline {
+        let engine = match device {
+            Device::Cpu => Engine::Cpu(Models::load(CpuBackend, paths)?),
+            Device::Cuda => Engine::Cuda(Models::load(CudaBackend::new(0)?, paths)?),
+        };
+        let pipeline = Pipeline {
             engine,
             t5_tokenizer,
             clip_tokenizer,
             scheduler,
-        })
+        };
+        pipeline.check_tokenizers()?;
+        Ok(pipeline)
+    }
+
+    /// Every id a tokenizer can produce must have an embedding row, and CLIP's padded length
+    /// must fit its position table; otherwise some prompts would fail mid-request.
+    fn check_tokenizers(&self) -> Result<()> {
+        let (t5, clip) = match &self.engine {
+            Engine::Cpu(m) => (&m.t5.config, &m.clip.config),
+            Engine::Cuda(m) => (&m.t5.config, &m.clip.config),
+        };
+        let mut problems = Vec::new();
+        if self.t5_tokenizer.vocab_size() > t5.vocab_size {
+            problems.push(format!(
+                "the T5 tokenizer has {} tokens but the T5 encoder embeds only {}",
+                self.t5_tokenizer.vocab_size(),
+                t5.vocab_size
+            ));
+        }
+        if self.clip_tokenizer.vocab_size() > clip.vocab_size {
+            problems.push(format!(
+                "the CLIP tokenizer has {} tokens but the CLIP text model embeds only {}",
+                self.clip_tokenizer.vocab_size(),
+                clip.vocab_size
+            ));
+        }
+        if CLIP_MAX_LENGTH > clip.max_positions {
+            problems.push(format!(
+                "CLIP prompts are padded to {CLIP_MAX_LENGTH} tokens but the text model has {} positions",
+                clip.max_positions
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(EngineError::Config(format!(
+                "tokenizers and text encoders do not fit together: {}",
+                problems.join("; ")
+            )))
+        }
     }
 
     /// The device the models run on.
@@ -291,9 +339,15 @@ impl Pipeline {
     }
 
     fn truncation_note(which: &str, t: &Truncation) -> String {
+        // The dropped text can be the whole of a huge prompt; its start says enough.
+        const SHOWN: usize = 160;
+        let mut dropped: String = t.dropped_text.chars().take(SHOWN).collect();
+        if t.dropped_text.chars().count() > SHOWN {
+            dropped.push('…');
+        }
         format!(
-            "prompt truncated for {which}: {} tokens, limit {}; dropped: {:?}",
-            t.total_tokens, t.max_length, t.dropped_text
+            "prompt truncated for {which}: {} tokens, limit {}; dropped: {dropped:?}",
+            t.total_tokens, t.max_length
         )
     }
 
@@ -463,6 +517,12 @@ impl Pipeline {
                 for (xi, vi) in x.iter_mut().zip(v) {
                     *xi += dt * vi;
                 }
+                if let Some(j) = x.iter().position(|v| !v.is_finite()) {
+                    return Err(EngineError::Config(format!(
+                        "the latent became non-finite at step {} (value {j}); the transformer weights or config are broken",
+                        i + 1
+                    )));
+                }
                 observe(&format!("latents_step{}", i + 1), &x);
                 progress(&Progress::Step {
                     step: i + 1,
@@ -490,7 +550,7 @@ impl Pipeline {
                 vae.decode(&latent, None)
             })?; // [3, H, W]
         observe("pixels", &pixels);
-        let image = RgbImage::from_tensor(&pixels, plan.width, plan.height);
+        let image = RgbImage::from_tensor(&pixels, plan.width, plan.height)?;
         timings.push(("decode", t0.elapsed()));
         Ok(Output {
             image,

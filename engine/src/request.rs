@@ -50,6 +50,39 @@ impl Default for EditOptions {
     }
 }
 
+impl EditOptions {
+    /// Checks what can be checked without the model and the image: step count, guidance,
+    /// explicit sizes. Callers run it before loading a model so a typo costs no load.
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(EngineError::Config(format!(
+                "steps must be between 1 and 1000, got {}",
+                self.steps
+            )));
+        }
+        if !self.guidance.is_finite() || self.guidance.abs() > 1000.0 {
+            return Err(EngineError::Config(format!(
+                "guidance must be a finite number of sensible size (Kontext uses 2.5), got {}",
+                self.guidance
+            )));
+        }
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            match v {
+                Some(v) if v < 16 => {
+                    return Err(EngineError::Config(format!("{name} {v} is below 16 pixels")))
+                }
+                Some(v) if v > MAX_OUTPUT_SIDE => {
+                    return Err(EngineError::Config(format!(
+                        "{name} {v} exceeds the {MAX_OUTPUT_SIDE}-pixel limit per side (Kontext works at about 1 MP)"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Output size of a text-to-image request without `--width/--height` (diffusers' default).
 pub const DEFAULT_T2I_SIDE: usize = 1024;
 
@@ -80,17 +113,7 @@ fn floor16(v: usize, what: &str, notes: &mut Vec<String>) -> usize {
 
 /// Resolves the context's working size and the output size (spec 2.1, 2.5).
 pub fn plan(context: Option<&RgbImage>, opts: &EditOptions) -> Result<Plan> {
-    if opts.steps == 0 || opts.steps > 1000 {
-        return Err(EngineError::Config(format!(
-            "steps must be between 1 and 1000, got {}",
-            opts.steps
-        )));
-    }
-    if !opts.guidance.is_finite() {
-        return Err(EngineError::Config(
-            "guidance must be a finite number".into(),
-        ));
-    }
+    opts.validate()?;
     let mut notes = Vec::new();
     let context = match context {
         None => None,

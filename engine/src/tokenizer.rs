@@ -340,6 +340,12 @@ impl TextTokenizer {
         })
     }
 
+    /// Number of ids the tokenizer can produce (special tokens included); the model's
+    /// embedding table must have at least this many rows.
+    pub fn vocab_size(&self) -> usize {
+        self.full.get_vocab_size(true)
+    }
+
     /// `prompt` → `max_length` ids (special tokens added, truncated, padded) and the truncation,
     /// if any.
     pub fn encode(&self, prompt: &str) -> Result<Tokens> {
