@@ -26,6 +26,14 @@ pub trait Backend {
     /// Short name for messages and benchmark tables (`"cpu"`, `"cuda"`).
     fn name(&self) -> &'static str;
 
+    /// Checks, before any weight is converted, that `params` weights fit in this backend's
+    /// memory, so a model too large for the machine is a clear error rather than an abort in
+    /// the allocator. The default accepts everything.
+    fn check_memory(&self, params: u64) -> Result<()> {
+        let _ = params;
+        Ok(())
+    }
+
     /// Host f32 `[rows, cols]` → tensor.
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<Self::Tensor>;
     /// Tensor → host f32, row-major `[rows, cols]`.

@@ -9,7 +9,7 @@
 #![warn(missing_docs)]
 
 use crate::backend::Backend;
-use crate::error::{shape_err, Result};
+use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{gelu_tanh, silu, LN_EPS, RMS_EPS};
 use crate::weights::HostWeight;
 use rayon::prelude::*;
@@ -286,6 +286,25 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    /// The CPU holds every weight as f32: 4 bytes per parameter against the memory the
+    /// kernel reports available (Linux; elsewhere the check is skipped).
+    fn check_memory(&self, params: u64) -> Result<()> {
+        let Some(available) = mem_available_bytes() else {
+            return Ok(());
+        };
+        let needed = params.saturating_mul(4);
+        // Activations, tokenizers and the maps need room too: keep a tenth free.
+        if needed > available / 10 * 9 {
+            return Err(EngineError::Config(format!(
+                "the model's {:.2} B parameters need {:.1} GB as f32 on the CPU, and {:.1} GB of memory is available. HINT: run on a GPU (--device cuda) or on a machine with more memory",
+                params as f64 / 1e9,
+                needed as f64 / 1e9,
+                available as f64 / 1e9
+            )));
+        }
+        Ok(())
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CpuTensor> {
         CpuTensor::new(rows, cols, data.to_vec())
     }
@@ -548,5 +567,35 @@ impl Backend for CpuBackend {
             data.extend_from_slice(&x.data[r * x.cols + begin..r * x.cols + end]);
         }
         CpuTensor::new(x.rows, end - begin, data)
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo, in bytes.
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_check_refuses_what_cannot_fit() {
+        if mem_available_bytes().is_none() {
+            return; // not Linux: the check is skipped by design
+        }
+        // A petabyte of f32 weights fits nowhere; a thousand fit everywhere.
+        let e = CpuBackend
+            .check_memory(250_000_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("HINT") && e.contains("GB of memory is available"),
+            "{e}"
+        );
+        CpuBackend.check_memory(1000).unwrap();
     }
 }

@@ -168,6 +168,16 @@ impl<B: EncoderBackend + Clone> Models<B> {
         )?;
         let t5 = load_t5(&need(&paths.t5, "T5 encoder (text_encoder_2/)")?)?;
         let clip = load_clip(&need(&paths.clip, "CLIP text model (text_encoder/)")?)?;
+        let params = [
+            &transformer.weights,
+            &vae.weights,
+            &t5.weights,
+            &clip.weights,
+        ]
+        .iter()
+        .map(|c| c.param_count() as u64)
+        .sum();
+        backend.check_memory(params)?;
         let models = Models {
             flux: Flux::from_transformer(backend.clone(), &transformer)?,
             vae: AutoEncoder::from_vae(backend.clone(), &vae)?,
