@@ -1545,6 +1545,25 @@ fn ck_step(c: &mut Check, fp8: bool) -> R<()> {
         ms: ok.then_some(ms),
         rate: if ok { tflops(flop, ms) } else { String::new() },
     });
+    // One machine-readable line for benches/compare.py; the step section runs last, so
+    // "correctness_passed" covers every check of this run before it.
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let gpu_name = kontext_kernels::cuda_available()
+        .map(|d| d.name)
+        .unwrap_or_default();
+    println!(
+        "BENCH_JSON {}",
+        serde_json::json!({
+            "bench": "engine_step",
+            "dtype": if fp8 { "fp8" } else { "bf16" },
+            "gpu": gpu_name,
+            "tokens": {"text": LT, "target": nx, "context": nc},
+            "ms_median": sorted.get(sorted.len() / 2),
+            "ms_min": sorted.first(),
+            "correctness_passed": ok && c.rows.iter().all(|r| r.ok),
+        })
+    );
     Ok(())
 }
 

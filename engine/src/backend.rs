@@ -10,7 +10,7 @@
 
 #![warn(missing_docs)]
 
-use crate::error::Result;
+use crate::error::{shape_err, Result};
 use crate::layers;
 use crate::weights::{HostWeight, StoredWeight};
 
@@ -139,4 +139,192 @@ pub trait Backend {
     fn timestep_embedding(&self, s: f32, dim: usize) -> Result<Self::Tensor> {
         self.upload(&layers::timestep_embedding(s, dim), 1, dim)
     }
+}
+
+// Operand checks both backends run before an op: backend-independent, on `(rows, cols)` pairs,
+// so the CPU reference and the CUDA backend refuse the same operands with the same errors.
+
+/// `len` values make a `[rows, cols]` tensor.
+pub(crate) fn check_len(len: usize, rows: usize, cols: usize) -> Result<()> {
+    if len != rows * cols {
+        return Err(shape_err(
+            "tensor",
+            format!("{len} values cannot be [{rows}, {cols}]"),
+        ));
+    }
+    Ok(())
+}
+
+/// A layer's optional host `bias` is `[n]`; `key` is the layer's.
+pub(crate) fn check_bias(key: &str, bias: Option<&HostWeight>, n: usize) -> Result<()> {
+    match bias {
+        Some(b) => b.expect_shape(&format!("{key} (bias)"), &[n]),
+        None => Ok(()),
+    }
+}
+
+/// `(out, in)` of a linear layer's host `weight [out, in]`, its `bias [out]` checked.
+pub(crate) fn linear_shape(
+    key: &str,
+    weight: &HostWeight,
+    bias: Option<&HostWeight>,
+) -> Result<(usize, usize)> {
+    let [out, inp] = weight.shape[..] else {
+        return Err(shape_err(
+            "load_linear",
+            format!("{key}: weight shape {:?} is not 2-D", weight.shape),
+        ));
+    };
+    weight.expect_shape(key, &[out, inp])?;
+    check_bias(key, bias, out)?;
+    Ok((out, inp))
+}
+
+/// `x [L, in]` fits a linear layer `(out, in)`.
+pub(crate) fn check_linear(x: (usize, usize), (out, inp): (usize, usize)) -> Result<()> {
+    if x.1 != inp {
+        return Err(shape_err(
+            "linear",
+            format!("x [{}, {}] but weight [{out}, {inp}]", x.0, x.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `a` and `b` have the same `[rows, cols]`.
+pub(crate) fn check_same(op: &'static str, a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a != b {
+        return Err(shape_err(
+            op,
+            format!("operands [{}, {}] and [{}, {}] differ", a.0, a.1, b.0, b.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `v` (named `what`) is a row vector `[1, cols]`.
+pub(crate) fn check_row_vector(
+    op: &'static str,
+    what: &str,
+    v: (usize, usize),
+    cols: usize,
+) -> Result<()> {
+    if v != (1, cols) {
+        return Err(shape_err(
+            op,
+            format!("{what} is [{}, {}], expected [1, {cols}]", v.0, v.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `qkv [L, W]` holds q and k of `num_heads × hd`, and `pe [Lpe, hd]` has rows
+/// `[pe_row0, pe_row0 + L)` (`qk_norm_rope`, after each backend's check of the scales).
+pub(crate) fn check_qk_rope(
+    (num_heads, hd): (usize, usize),
+    qkv: (usize, usize),
+    pe: (usize, usize),
+    pe_row0: usize,
+) -> Result<()> {
+    let d = num_heads * hd;
+    if qkv.1 < 2 * d {
+        return Err(shape_err(
+            "qk_norm_rope",
+            format!(
+                "qkv [{}, {}] is narrower than q and k of {num_heads} heads × {hd} = {}",
+                qkv.0,
+                qkv.1,
+                2 * d
+            ),
+        ));
+    }
+    if pe.1 != hd || pe_row0 + qkv.0 > pe.0 {
+        return Err(shape_err(
+            "qk_norm_rope",
+            format!(
+                "pe [{}, {}] has no rows [{pe_row0}, {}) of width {hd}",
+                pe.0,
+                pe.1,
+                pe_row0 + qkv.0
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `qkv [L, W]` holds q, k and v of `heads × hd` (W ≥ 3·H·Dh, Dh > 0), and `bias` is `[H·L, L]`.
+pub(crate) fn check_attention(
+    op: &'static str,
+    (l, w): (usize, usize),
+    (heads, hd): (usize, usize),
+    bias: Option<(usize, usize)>,
+) -> Result<()> {
+    let d = heads * hd;
+    if hd == 0 || w < 3 * d {
+        return Err(shape_err(
+            op,
+            format!(
+                "qkv [{l}, {w}] cannot hold q, k, v of {heads} heads × {hd} (needs {} columns)",
+                3 * d
+            ),
+        ));
+    }
+    if let Some(b) = bias {
+        if b != (heads * l, l) {
+            return Err(shape_err(
+                op,
+                format!(
+                    "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
+                    b.0,
+                    b.1,
+                    heads * l
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `a [La, C]` and `b [Lb, C]` have the same width (`concat_rows`).
+pub(crate) fn check_concat_rows(a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a.1 != b.1 {
+        return Err(shape_err(
+            "concat_rows",
+            format!("[{}, {}] and [{}, {}] differ in width", a.0, a.1, b.0, b.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `a [L, Ca]` and `b [L, Cb]` have the same rows (`concat_cols`).
+pub(crate) fn check_concat_cols(a: (usize, usize), b: (usize, usize)) -> Result<()> {
+    if a.0 != b.0 {
+        return Err(shape_err(
+            "concat_cols",
+            format!("[{}, {}] and [{}, {}] differ in rows", a.0, a.1, b.0, b.1),
+        ));
+    }
+    Ok(())
+}
+
+/// Rows `[begin, end)` lie in `x [L, C]` (`slice_rows`).
+pub(crate) fn check_slice_rows(x: (usize, usize), begin: usize, end: usize) -> Result<()> {
+    if begin > end || end > x.0 {
+        return Err(shape_err(
+            "slice_rows",
+            format!("rows [{begin}, {end}) of [{}, {}]", x.0, x.1),
+        ));
+    }
+    Ok(())
+}
+
+/// Columns `[begin, end)` lie in `x [L, C]` (`slice_cols`).
+pub(crate) fn check_slice_cols(x: (usize, usize), begin: usize, end: usize) -> Result<()> {
+    if begin > end || end > x.1 {
+        return Err(shape_err(
+            "slice_cols",
+            format!("columns [{begin}, {end}) of [{}, {}]", x.0, x.1),
+        ));
+    }
+    Ok(())
 }

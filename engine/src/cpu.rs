@@ -8,7 +8,10 @@
 
 #![warn(missing_docs)]
 
-use crate::backend::Backend;
+use crate::backend::{
+    check_attention, check_concat_cols, check_concat_rows, check_len, check_linear, check_qk_rope,
+    check_row_vector, check_same, check_slice_cols, check_slice_rows, linear_shape, Backend,
+};
 use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{gelu_tanh, silu, LN_EPS, RMS_EPS};
 use crate::weights::HostWeight;
@@ -28,12 +31,7 @@ pub struct CpuTensor {
 impl CpuTensor {
     /// Wraps `data` as `[rows, cols]`; errors when the length does not match.
     pub fn new(rows: usize, cols: usize, data: Vec<f32>) -> Result<CpuTensor> {
-        if data.len() != rows * cols {
-            return Err(shape_err(
-                "tensor",
-                format!("{} values cannot be [{rows}, {cols}]", data.len()),
-            ));
-        }
+        check_len(data.len(), rows, cols)?;
         Ok(CpuTensor { rows, cols, data })
     }
 
@@ -173,29 +171,6 @@ pub(crate) fn map(x: &CpuTensor, f: impl Fn(f32) -> f32 + Sync) -> CpuTensor {
     }
 }
 
-fn check_row_vector(op: &'static str, what: &str, v: &CpuTensor, cols: usize) -> Result<()> {
-    if v.rows != 1 || v.cols != cols {
-        return Err(shape_err(
-            op,
-            format!("{what} is [{}, {}], expected [1, {cols}]", v.rows, v.cols),
-        ));
-    }
-    Ok(())
-}
-
-fn check_same(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        return Err(shape_err(
-            op,
-            format!(
-                "operands [{}, {}] and [{}, {}] differ",
-                a.rows, a.cols, b.rows, b.cols
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Multi-head attention over `qkv [L, W]` (q, k, v at columns `[0, D)`, `[D, 2D)`, `[2D, 3D)`,
 /// D = H·Dh) → `[L, D]`: per head, `softmax(scale · q·kᵀ + bias_h + mask) · v`, `block` query rows
 /// at a time (one sgemm for the scores, one for the values). `bias [H·L, L]` and `causal` (mask
@@ -211,28 +186,7 @@ pub(crate) fn attention_blocked(
 ) -> Result<CpuTensor> {
     let (l, w, hd) = (qkv.rows, qkv.cols, head_dim);
     let d = num_heads * hd;
-    if hd == 0 || w < 3 * d {
-        return Err(shape_err(
-            op,
-            format!(
-                "qkv [{l}, {w}] cannot hold q, k, v of {num_heads} heads × {hd} (needs {} columns)",
-                3 * d
-            ),
-        ));
-    }
-    if let Some(b) = bias {
-        if (b.rows, b.cols) != (num_heads * l, l) {
-            return Err(shape_err(
-                op,
-                format!(
-                    "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
-                    b.rows,
-                    b.cols,
-                    num_heads * l
-                ),
-            ));
-        }
-    }
+    check_attention(op, (l, w), (num_heads, hd), bias.map(|b| (b.rows, b.cols)))?;
     let mut out = CpuTensor::zeros(l, d);
     if l == 0 {
         return Ok(out);
@@ -323,16 +277,7 @@ impl Backend for CpuBackend {
         weight: HostWeight,
         bias: Option<HostWeight>,
     ) -> Result<CpuLinear> {
-        let [out, inp] = weight.shape[..] else {
-            return Err(shape_err(
-                "load_linear",
-                format!("{key}: weight shape {:?} is not 2-D", weight.shape),
-            ));
-        };
-        weight.expect_shape(key, &[out, inp])?;
-        if let Some(b) = &bias {
-            b.expect_shape(&format!("{key} (bias)"), &[out])?;
-        }
+        let (out, inp) = linear_shape(key, &weight, bias.as_ref())?;
         Ok(CpuLinear {
             out,
             inp,
@@ -347,15 +292,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuLinear) -> Result<CpuTensor> {
-        if x.cols != w.inp {
-            return Err(shape_err(
-                "linear",
-                format!(
-                    "x [{}, {}] but weight [{}, {}]",
-                    x.rows, x.cols, w.out, w.inp
-                ),
-            ));
-        }
+        check_linear(self.dims(x), (w.out, w.inp))?;
         let mut y = CpuTensor::zeros(x.rows, w.out);
         let beta = match &w.bias {
             Some(b) if w.out > 0 => {
@@ -387,7 +324,7 @@ impl Backend for CpuBackend {
     }
 
     fn add_assign(&self, a: &mut CpuTensor, b: &CpuTensor) -> Result<()> {
-        check_same("add_assign", a, b)?;
+        check_same("add_assign", self.dims(a), self.dims(b))?;
         a.data
             .par_iter_mut()
             .zip(b.data.par_iter())
@@ -401,8 +338,8 @@ impl Backend for CpuBackend {
         shift: &CpuTensor,
         scale: &CpuTensor,
     ) -> Result<CpuTensor> {
-        check_row_vector("norm_modulate", "shift", shift, x.cols)?;
-        check_row_vector("norm_modulate", "scale", scale, x.cols)?;
+        check_row_vector("norm_modulate", "shift", self.dims(shift), x.cols)?;
+        check_row_vector("norm_modulate", "scale", self.dims(scale), x.cols)?;
         let mut y = CpuTensor::zeros(x.rows, x.cols);
         if x.cols == 0 {
             return Ok(y);
@@ -439,28 +376,7 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
-        if qkv.cols < 2 * d {
-            return Err(shape_err(
-                "qk_norm_rope",
-                format!(
-                    "qkv [{}, {}] is narrower than q and k of {num_heads} heads × {hd} = {}",
-                    qkv.rows,
-                    qkv.cols,
-                    2 * d
-                ),
-            ));
-        }
-        if pe.cols != hd || pe_row0 + qkv.rows > pe.rows {
-            return Err(shape_err(
-                "qk_norm_rope",
-                format!(
-                    "pe [{}, {}] has no rows [{pe_row0}, {}) of width {hd}",
-                    pe.rows,
-                    pe.cols,
-                    pe_row0 + qkv.rows
-                ),
-            ));
-        }
+        check_qk_rope((num_heads, hd), self.dims(qkv), self.dims(pe), pe_row0)?;
         let pe_rows = &pe.data[pe_row0 * hd..(pe_row0 + qkv.rows) * hd];
         qkv.data
             .par_chunks_mut(qkv.cols)
@@ -491,8 +407,8 @@ impl Backend for CpuBackend {
     }
 
     fn gate_residual(&self, x: &mut CpuTensor, gate: &CpuTensor, y: &CpuTensor) -> Result<()> {
-        check_same("gate_residual", x, y)?;
-        check_row_vector("gate_residual", "gate", gate, x.cols)?;
+        check_same("gate_residual", self.dims(x), self.dims(y))?;
+        check_row_vector("gate_residual", "gate", self.dims(gate), x.cols)?;
         if x.cols == 0 {
             return Ok(());
         }
@@ -508,15 +424,7 @@ impl Backend for CpuBackend {
     }
 
     fn concat_rows(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        if a.cols != b.cols {
-            return Err(shape_err(
-                "concat_rows",
-                format!(
-                    "[{}, {}] and [{}, {}] differ in width",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
+        check_concat_rows(self.dims(a), self.dims(b))?;
         let mut data = Vec::with_capacity(a.data.len() + b.data.len());
         data.extend_from_slice(&a.data);
         data.extend_from_slice(&b.data);
@@ -524,15 +432,7 @@ impl Backend for CpuBackend {
     }
 
     fn concat_cols(&self, a: &CpuTensor, b: &CpuTensor) -> Result<CpuTensor> {
-        if a.rows != b.rows {
-            return Err(shape_err(
-                "concat_cols",
-                format!(
-                    "[{}, {}] and [{}, {}] differ in rows",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
+        check_concat_cols(self.dims(a), self.dims(b))?;
         let mut data = Vec::with_capacity(a.data.len() + b.data.len());
         for r in 0..a.rows {
             data.extend_from_slice(&a.data[r * a.cols..(r + 1) * a.cols]);
@@ -542,12 +442,7 @@ impl Backend for CpuBackend {
     }
 
     fn slice_rows(&self, x: &CpuTensor, begin: usize, end: usize) -> Result<CpuTensor> {
-        if begin > end || end > x.rows {
-            return Err(shape_err(
-                "slice_rows",
-                format!("rows [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
-            ));
-        }
+        check_slice_rows(self.dims(x), begin, end)?;
         CpuTensor::new(
             end - begin,
             x.cols,
@@ -556,12 +451,7 @@ impl Backend for CpuBackend {
     }
 
     fn slice_cols(&self, x: &CpuTensor, begin: usize, end: usize) -> Result<CpuTensor> {
-        if begin > end || end > x.cols {
-            return Err(shape_err(
-                "slice_cols",
-                format!("columns [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
-            ));
-        }
+        check_slice_cols(self.dims(x), begin, end)?;
         let mut data = Vec::with_capacity(x.rows * (end - begin));
         for r in 0..x.rows {
             data.extend_from_slice(&x.data[r * x.cols + begin..r * x.cols + end]);

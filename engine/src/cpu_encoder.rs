@@ -17,11 +17,15 @@
 //! CPU the band keeps the column matrix ≤ 32 MB (the decoder's last level at 1024² would need
 //! 4.6 GB at once).
 
+use crate::backend::Backend;
 use crate::cpu::{
     attention_blocked, gemm, layer_norm_row, map, rms_norm_in_place, CpuBackend, CpuTensor,
 };
-use crate::encoder_backend::{conv_out_hw, EncoderBackend, Pad};
-use crate::error::{shape_err, Result};
+use crate::encoder_backend::{
+    check_gate_input, check_groups, check_map, check_vector, conv2d_out_hw, conv_shape,
+    EncoderBackend, Pad,
+};
+use crate::error::Result;
 use crate::layers::{gelu_tanh, silu};
 use crate::weights::HostWeight;
 use rayon::prelude::*;
@@ -51,26 +55,6 @@ const GN_BAND_ROWS: usize = 1024;
 /// Query rows per block of `attention_masked` (the transformer's `attention` in [`crate::cpu`]
 /// uses 512).
 const ATTN_BLOCK: usize = 256;
-
-fn check_vector(op: &'static str, what: &str, v: &[f32], n: usize) -> Result<()> {
-    if v.len() != n {
-        return Err(shape_err(
-            op,
-            format!("{what} has {} values for {n} channels", v.len()),
-        ));
-    }
-    Ok(())
-}
-
-fn check_map(op: &'static str, x: &CpuTensor, (h, w): (usize, usize)) -> Result<()> {
-    if x.rows != h * w {
-        return Err(shape_err(
-            op,
-            format!("x [{}, {}] is not a {h}×{w} map", x.rows, x.cols),
-        ));
-    }
-    Ok(())
-}
 
 /// Fills `col [pixels, kh·kw·Cin]` for output rows `oy0 .. oy0 + col.len()/(Wo·K)`.
 #[allow(clippy::too_many_arguments)]
@@ -114,19 +98,7 @@ impl EncoderBackend for CpuBackend {
         weight: HostWeight,
         bias: Option<HostWeight>,
     ) -> Result<CpuConv> {
-        let [cout, cin, kh, kw] = weight.shape[..] else {
-            return Err(shape_err(
-                "load_conv",
-                format!(
-                    "{key}: weight shape {:?} is not [Cout, Cin, kh, kw]",
-                    weight.shape
-                ),
-            ));
-        };
-        weight.expect_shape(key, &[cout, cin, kh, kw])?;
-        if let Some(b) = &bias {
-            b.expect_shape(&format!("{key} (bias)"), &[cout])?;
-        }
+        let (cout, cin, kh, kw) = conv_shape(key, &weight, bias.as_ref())?;
         // [Cout, Cin, kh, kw] → [Cout, kh, kw, Cin]
         let mut w = vec![0f32; weight.data.len()];
         for o in 0..cout {
@@ -161,25 +133,7 @@ impl EncoderBackend for CpuBackend {
         stride: usize,
         pad: Pad,
     ) -> Result<(CpuTensor, (usize, usize))> {
-        check_map("conv2d", x, (h, w))?;
-        if x.cols != conv.cin {
-            return Err(shape_err(
-                "conv2d",
-                format!(
-                    "x has {} channels, weight [{}, {}, {}, {}]",
-                    x.cols, conv.cout, conv.cin, conv.kh, conv.kw
-                ),
-            ));
-        }
-        let Some((ho, wo)) = conv_out_hw((h, w), (conv.kh, conv.kw), stride, pad) else {
-            return Err(shape_err(
-                "conv2d",
-                format!(
-                    "a {}×{} kernel with stride {stride} and padding {pad:?} does not fit a {h}×{w} map",
-                    conv.kh, conv.kw
-                ),
-            ));
-        };
+        let (ho, wo) = conv2d_out_hw(self.dims(x), (h, w), self.conv_dims(conv), stride, pad)?;
         let (k, n) = (conv.kh * conv.kw * conv.cin, conv.cout);
         let mut y = CpuTensor::zeros(ho * wo, n);
         if let Some(b) = &conv.bias {
@@ -230,14 +184,9 @@ impl EncoderBackend for CpuBackend {
         act: bool,
     ) -> Result<CpuTensor> {
         let c = x.cols;
-        if groups == 0 || c % groups != 0 {
-            return Err(shape_err(
-                "group_norm",
-                format!("{c} channels cannot be split into {groups} groups"),
-            ));
-        }
-        check_vector("group_norm", "weight", weight, c)?;
-        check_vector("group_norm", "bias", bias, c)?;
+        check_groups(c, groups)?;
+        check_vector("group_norm", "weight", weight.len(), c)?;
+        check_vector("group_norm", "bias", bias.len(), c)?;
         let mut y = CpuTensor::zeros(x.rows, c);
         if x.rows == 0 || c == 0 {
             return Ok(y);
@@ -290,7 +239,7 @@ impl EncoderBackend for CpuBackend {
     }
 
     fn upsample_nearest2x(&self, x: &CpuTensor, (h, w): (usize, usize)) -> Result<CpuTensor> {
-        check_map("upsample_nearest2x", x, (h, w))?;
+        check_map("upsample_nearest2x", self.dims(x), (h, w))?;
         let c = x.cols;
         let mut y = CpuTensor::zeros(4 * h * w, c);
         if c == 0 {
@@ -312,8 +261,8 @@ impl EncoderBackend for CpuBackend {
         eps: f32,
     ) -> Result<CpuTensor> {
         let d = x.cols;
-        check_vector("layer_norm", "weight", weight, d)?;
-        check_vector("layer_norm", "bias", bias, d)?;
+        check_vector("layer_norm", "weight", weight.len(), d)?;
+        check_vector("layer_norm", "bias", bias.len(), d)?;
         let mut y = CpuTensor::zeros(x.rows, d);
         if d == 0 {
             return Ok(y);
@@ -332,7 +281,7 @@ impl EncoderBackend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, weight: &Vec<f32>, eps: f32) -> Result<CpuTensor> {
         let d = x.cols;
-        check_vector("rms_norm", "weight", weight, d)?;
+        check_vector("rms_norm", "weight", weight.len(), d)?;
         let mut y = x.clone();
         if d == 0 {
             return Ok(y);
@@ -364,12 +313,7 @@ impl EncoderBackend for CpuBackend {
     }
 
     fn gelu_tanh_gate(&self, x: &CpuTensor) -> Result<CpuTensor> {
-        if x.cols % 2 != 0 {
-            return Err(shape_err(
-                "gelu_tanh_gate",
-                format!("x [{}, {}] is not [L, 2F]", x.rows, x.cols),
-            ));
-        }
+        check_gate_input(self.dims(x))?;
         let f = x.cols / 2;
         let mut y = CpuTensor::zeros(x.rows, f);
         if f == 0 {

@@ -34,7 +34,11 @@
 
 #![warn(missing_docs)]
 
-use crate::backend::Backend;
+use crate::backend::{
+    check_attention, check_bias, check_concat_cols, check_concat_rows, check_len, check_linear,
+    check_qk_rope, check_row_vector, check_same, check_slice_cols, check_slice_rows, linear_shape,
+    Backend,
+};
 use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{LN_EPS, RMS_EPS};
 use crate::weights::{HostWeight, StoredWeight};
@@ -256,34 +260,6 @@ pub(crate) fn bf16_bytes(data: &[f32]) -> Vec<u8> {
         .zip(data.par_iter())
         .for_each(|(b, &v)| b.copy_from_slice(&bf16::from_f32(v).to_le_bytes()));
     bytes
-}
-
-pub(crate) fn check_same(op: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
-    if (a.rows, a.cols) != (b.rows, b.cols) {
-        return Err(shape_err(
-            op,
-            format!(
-                "operands [{}, {}] and [{}, {}] differ",
-                a.rows, a.cols, b.rows, b.cols
-            ),
-        ));
-    }
-    Ok(())
-}
-
-pub(crate) fn check_row_vector(
-    op: &'static str,
-    what: &str,
-    v: &CudaTensor,
-    cols: usize,
-) -> Result<()> {
-    if v.rows != 1 || v.cols != cols {
-        return Err(shape_err(
-            op,
-            format!("{what} is [{}, {}], expected [1, {cols}]", v.rows, v.cols),
-        ));
-    }
-    Ok(())
 }
 
 impl CudaBackend {
@@ -545,30 +521,9 @@ impl CudaBackend {
         bias: Option<&CudaTensor>,
         causal: bool,
     ) -> Result<CudaTensor> {
-        let (l, w) = (qkv.rows, qkv.cols);
+        let l = qkv.rows;
         let d = heads * hd;
-        if hd == 0 || w < 3 * d {
-            return Err(shape_err(
-                op,
-                format!(
-                    "qkv [{l}, {w}] cannot hold q, k, v of {heads} heads × {hd} (needs {} columns)",
-                    3 * d
-                ),
-            ));
-        }
-        if let Some(b) = bias {
-            if (b.rows, b.cols) != (heads * l, l) {
-                return Err(shape_err(
-                    op,
-                    format!(
-                        "bias [{}, {}] is not [H·L, L] = [{}, {l}]",
-                        b.rows,
-                        b.cols,
-                        heads * l
-                    ),
-                ));
-            }
-        }
+        check_attention(op, self.dims(qkv), (heads, hd), bias.map(|b| self.dims(b)))?;
         let fused = hd % 2 == 0 && hd <= MAX_HEAD_DIM;
         if !fused && (bias.is_some() || causal) {
             return Err(shape_err(
@@ -638,12 +593,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
-        if data.len() != rows * cols {
-            return Err(shape_err(
-                "tensor",
-                format!("{} values cannot be [{rows}, {cols}]", data.len()),
-            ));
-        }
+        check_len(data.len(), rows, cols)?;
         let t = self.tensor(DType::F32, rows, cols, "upload")?;
         self.launch(|d| Ok(d.gpu.write_f32(t.mat()?, data)?))?;
         Ok(t)
@@ -666,16 +616,7 @@ impl Backend for CudaBackend {
         weight: HostWeight,
         bias: Option<HostWeight>,
     ) -> Result<CudaLinear> {
-        let [out, inp] = weight.shape[..] else {
-            return Err(shape_err(
-                "load_linear",
-                format!("{key}: weight shape {:?} is not 2-D", weight.shape),
-            ));
-        };
-        weight.expect_shape(key, &[out, inp])?;
-        if let Some(b) = &bias {
-            b.expect_shape(&format!("{key} (bias)"), &[out])?;
-        }
+        let (out, inp) = linear_shape(key, &weight, bias.as_ref())?;
         self.linear_from_f32(out, inp, &weight.data, bias.as_ref().map(|b| &b.data[..]))
     }
 
@@ -687,9 +628,7 @@ impl Backend for CudaBackend {
     ) -> Result<CudaLinear> {
         let (out, inp) = (weight.rows(), weight.cols());
         weight.expect_shape(key, &weight.shape.clone())?;
-        if let Some(b) = &bias {
-            b.expect_shape(&format!("{key} (bias)"), &[out])?;
-        }
+        check_bias(key, bias.as_ref(), out)?;
         let dtype = host_dtype(key, weight.dtype)?;
         let fp8 = matches!(dtype, HostDType::F8E4M3 | HostDType::F8E5M2);
         let Some(d) = &self.shared.dev else {
@@ -767,15 +706,7 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
-        if x.cols != w.inp {
-            return Err(shape_err(
-                "linear",
-                format!(
-                    "x [{}, {}] but weight [{}, {}]",
-                    x.rows, x.cols, w.out, w.inp
-                ),
-            ));
-        }
+        check_linear(self.dims(x), (w.out, w.inp))?;
         if w.inp == 0 && x.rows > 0 && w.out > 0 {
             return Err(shape_err(
                 "linear",
@@ -816,7 +747,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, a: &mut CudaTensor, b: &CudaTensor) -> Result<()> {
-        check_same("add_assign", a, b)?;
+        check_same("add_assign", self.dims(a), self.dims(b))?;
         self.make_bf16(a, "add_assign")?;
         let b = self.bf16(b, "add_assign")?;
         self.launch(|d| Ok(d.k.add_assign(a.mat()?, b.mat()?)?))
@@ -828,8 +759,8 @@ impl Backend for CudaBackend {
         shift: &CudaTensor,
         scale: &CudaTensor,
     ) -> Result<CudaTensor> {
-        check_row_vector("norm_modulate", "shift", shift, x.cols)?;
-        check_row_vector("norm_modulate", "scale", scale, x.cols)?;
+        check_row_vector("norm_modulate", "shift", self.dims(shift), x.cols)?;
+        check_row_vector("norm_modulate", "scale", self.dims(scale), x.cols)?;
         let x = self.bf16(x, "norm_modulate")?;
         let shift = self.bf16(shift, "norm_modulate")?;
         let scale = self.bf16(scale, "norm_modulate")?;
@@ -853,7 +784,6 @@ impl Backend for CudaBackend {
         pe_row0: usize,
     ) -> Result<()> {
         let hd = q_scale.n;
-        let d = num_heads * hd;
         if hd == 0 || hd % 2 != 0 || k_scale.n != hd || num_heads == 0 {
             return Err(shape_err(
                 "qk_norm_rope",
@@ -863,28 +793,7 @@ impl Backend for CudaBackend {
                 ),
             ));
         }
-        if qkv.cols < 2 * d {
-            return Err(shape_err(
-                "qk_norm_rope",
-                format!(
-                    "qkv [{}, {}] is narrower than q and k of {num_heads} heads × {hd} = {}",
-                    qkv.rows,
-                    qkv.cols,
-                    2 * d
-                ),
-            ));
-        }
-        if pe.cols != hd || pe_row0 + qkv.rows > pe.rows {
-            return Err(shape_err(
-                "qk_norm_rope",
-                format!(
-                    "pe [{}, {}] has no rows [{pe_row0}, {}) of width {hd}",
-                    pe.rows,
-                    pe.cols,
-                    pe_row0 + qkv.rows
-                ),
-            ));
-        }
+        check_qk_rope((num_heads, hd), self.dims(qkv), self.dims(pe), pe_row0)?;
         self.make_bf16(qkv, "qk_norm_rope")?;
         let pe = self.as_dtype(pe, DType::F32, "qk_norm_rope")?;
         if qkv.rows == 0 {
@@ -909,8 +818,8 @@ impl Backend for CudaBackend {
     }
 
     fn gate_residual(&self, x: &mut CudaTensor, gate: &CudaTensor, y: &CudaTensor) -> Result<()> {
-        check_same("gate_residual", x, y)?;
-        check_row_vector("gate_residual", "gate", gate, x.cols)?;
+        check_same("gate_residual", self.dims(x), self.dims(y))?;
+        check_row_vector("gate_residual", "gate", self.dims(gate), x.cols)?;
         self.make_bf16(x, "gate_residual")?;
         let gate = self.bf16(gate, "gate_residual")?;
         let y = self.bf16(y, "gate_residual")?;
@@ -918,15 +827,7 @@ impl Backend for CudaBackend {
     }
 
     fn concat_rows(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-        if a.cols != b.cols {
-            return Err(shape_err(
-                "concat_rows",
-                format!(
-                    "[{}, {}] and [{}, {}] differ in width",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
+        check_concat_rows(self.dims(a), self.dims(b))?;
         let y = self.tensor(DType::Bf16, a.rows + b.rows, a.cols, "concat_rows")?;
         self.launch(|d| {
             let ym = y.mat()?;
@@ -937,15 +838,7 @@ impl Backend for CudaBackend {
     }
 
     fn concat_cols(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
-        if a.rows != b.rows {
-            return Err(shape_err(
-                "concat_cols",
-                format!(
-                    "[{}, {}] and [{}, {}] differ in rows",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
+        check_concat_cols(self.dims(a), self.dims(b))?;
         let y = self.tensor(DType::Bf16, a.rows, a.cols + b.cols, "concat_cols")?;
         self.launch(|d| {
             let ym = y.mat()?;
@@ -956,24 +849,14 @@ impl Backend for CudaBackend {
     }
 
     fn slice_rows(&self, x: &CudaTensor, begin: usize, end: usize) -> Result<CudaTensor> {
-        if begin > end || end > x.rows {
-            return Err(shape_err(
-                "slice_rows",
-                format!("rows [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
-            ));
-        }
+        check_slice_rows(self.dims(x), begin, end)?;
         let y = self.tensor(DType::Bf16, end - begin, x.cols, "slice_rows")?;
         self.launch(|d| Self::copy_into(d, &x.mat()?.rows_range(begin, end)?, y.mat()?))?;
         Ok(y)
     }
 
     fn slice_cols(&self, x: &CudaTensor, begin: usize, end: usize) -> Result<CudaTensor> {
-        if begin > end || end > x.cols {
-            return Err(shape_err(
-                "slice_cols",
-                format!("columns [{begin}, {end}) of [{}, {}]", x.rows, x.cols),
-            ));
-        }
+        check_slice_cols(self.dims(x), begin, end)?;
         let y = self.tensor(DType::Bf16, x.rows, end - begin, "slice_cols")?;
         self.launch(|d| Self::copy_into(d, &x.mat()?.cols_range(begin, end)?, y.mat()?))?;
         Ok(y)

@@ -6,8 +6,12 @@
 //! `CONV_COL_BYTES`); a 1×1 stride-1 convolution is the GEMM alone. The weight is permuted once at
 //! load to `[Cout, kh·kw·Cin]`, the im2col column order (`kontext_kernels::weights::conv_weight_khwc`).
 
+use crate::backend::Backend;
 use crate::cuda::{CudaBackend, CudaTensor, CudaVector};
-use crate::encoder_backend::{conv_out_hw, EncoderBackend, Pad};
+use crate::encoder_backend::{
+    check_gate_input, check_groups, check_map, check_vector, conv2d_out_hw, conv_shape,
+    EncoderBackend, Pad,
+};
 use crate::error::{shape_err, Result};
 use crate::weights::HostWeight;
 use kontext_kernels::conv::ConvGeometry;
@@ -43,26 +47,6 @@ impl CudaConv {
     }
 }
 
-fn check_vector(op: &'static str, what: &str, v: &CudaVector, n: usize) -> Result<()> {
-    if v.n != n {
-        return Err(shape_err(
-            op,
-            format!("{what} has {} values for {n} channels", v.n),
-        ));
-    }
-    Ok(())
-}
-
-fn check_map(op: &'static str, x: &CudaTensor, (h, w): (usize, usize)) -> Result<()> {
-    if x.rows() != h * w {
-        return Err(shape_err(
-            op,
-            format!("x [{}, {}] is not a {h}×{w} map", x.rows(), x.cols()),
-        ));
-    }
-    Ok(())
-}
-
 /// Output pixels per im2col window for a column width of `k` elements.
 pub(crate) fn conv_window(pixels: usize, k: usize) -> usize {
     (CONV_COL_BYTES / (2 * k).max(1)).clamp(1, pixels.max(1))
@@ -77,19 +61,7 @@ impl EncoderBackend for CudaBackend {
         weight: HostWeight,
         bias: Option<HostWeight>,
     ) -> Result<CudaConv> {
-        let [cout, cin, kh, kw] = weight.shape[..] else {
-            return Err(shape_err(
-                "load_conv",
-                format!(
-                    "{key}: weight shape {:?} is not [Cout, Cin, kh, kw]",
-                    weight.shape
-                ),
-            ));
-        };
-        weight.expect_shape(key, &[cout, cin, kh, kw])?;
-        if let Some(b) = &bias {
-            b.expect_shape(&format!("{key} (bias)"), &[cout])?;
-        }
+        let (cout, cin, kh, kw) = conv_shape(key, &weight, bias.as_ref())?;
         let (w, b) = match self.gpu() {
             Some(gpu) => {
                 let khwc = conv_weight_khwc(&weight.data, cout, cin, kh, kw)?;
@@ -124,29 +96,7 @@ impl EncoderBackend for CudaBackend {
         stride: usize,
         pad: Pad,
     ) -> Result<(CudaTensor, (usize, usize))> {
-        check_map("conv2d", x, (h, w))?;
-        if x.cols() != conv.cin {
-            return Err(shape_err(
-                "conv2d",
-                format!(
-                    "x has {} channels, weight [{}, {}, {}, {}]",
-                    x.cols(),
-                    conv.cout,
-                    conv.cin,
-                    conv.kh,
-                    conv.kw
-                ),
-            ));
-        }
-        let Some((ho, wo)) = conv_out_hw((h, w), (conv.kh, conv.kw), stride, pad) else {
-            return Err(shape_err(
-                "conv2d",
-                format!(
-                    "a {}×{} kernel with stride {stride} and padding {pad:?} does not fit a {h}×{w} map",
-                    conv.kh, conv.kw
-                ),
-            ));
-        };
+        let (ho, wo) = conv2d_out_hw(self.dims(x), (h, w), self.conv_dims(conv), stride, pad)?;
         if pad.top >= conv.kh
             || pad.bottom >= conv.kh
             || pad.left >= conv.kw
@@ -213,14 +163,9 @@ impl EncoderBackend for CudaBackend {
         silu: bool,
     ) -> Result<CudaTensor> {
         let c = x.cols();
-        if groups == 0 || c % groups != 0 {
-            return Err(shape_err(
-                "group_norm",
-                format!("{c} channels cannot be split into {groups} groups"),
-            ));
-        }
-        check_vector("group_norm", "weight", weight, c)?;
-        check_vector("group_norm", "bias", bias, c)?;
+        check_groups(c, groups)?;
+        check_vector("group_norm", "weight", weight.n, c)?;
+        check_vector("group_norm", "bias", bias.n, c)?;
         let x = self.bf16(x, "group_norm")?;
         let y = self.tensor(DType::Bf16, x.rows(), c, "group_norm")?;
         if x.rows() == 0 || c == 0 {
@@ -241,7 +186,7 @@ impl EncoderBackend for CudaBackend {
     }
 
     fn upsample_nearest2x(&self, x: &CudaTensor, (h, w): (usize, usize)) -> Result<CudaTensor> {
-        check_map("upsample_nearest2x", x, (h, w))?;
+        check_map("upsample_nearest2x", self.dims(x), (h, w))?;
         let x = self.bf16(x, "upsample_nearest2x")?;
         let y = self.tensor(DType::Bf16, 4 * h * w, x.cols(), "upsample_nearest2x")?;
         if h * w == 0 || x.cols() == 0 {
@@ -258,8 +203,8 @@ impl EncoderBackend for CudaBackend {
         bias: &CudaVector,
         eps: f32,
     ) -> Result<CudaTensor> {
-        check_vector("layer_norm", "weight", weight, x.cols())?;
-        check_vector("layer_norm", "bias", bias, x.cols())?;
+        check_vector("layer_norm", "weight", weight.n, x.cols())?;
+        check_vector("layer_norm", "bias", bias.n, x.cols())?;
         let x = self.bf16(x, "layer_norm")?;
         let y = self.tensor(DType::Bf16, x.rows(), x.cols(), "layer_norm")?;
         if x.rows() == 0 || x.cols() == 0 {
@@ -272,7 +217,7 @@ impl EncoderBackend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaVector, eps: f32) -> Result<CudaTensor> {
-        check_vector("rms_norm", "weight", weight, x.cols())?;
+        check_vector("rms_norm", "weight", weight.n, x.cols())?;
         let x = self.bf16(x, "rms_norm")?;
         let y = self.tensor(DType::Bf16, x.rows(), x.cols(), "rms_norm")?;
         if x.rows() == 0 || x.cols() == 0 {
@@ -302,12 +247,7 @@ impl EncoderBackend for CudaBackend {
     }
 
     fn gelu_tanh_gate(&self, x: &CudaTensor) -> Result<CudaTensor> {
-        if x.cols() % 2 != 0 {
-            return Err(shape_err(
-                "gelu_tanh_gate",
-                format!("x [{}, {}] is not [L, 2F]", x.rows(), x.cols()),
-            ));
-        }
+        check_gate_input(self.dims(x))?;
         let f = x.cols() / 2;
         let x = self.bf16(x, "gelu_tanh_gate")?;
         let y = self.tensor(DType::Bf16, x.rows(), f, "gelu_tanh_gate")?;

@@ -20,8 +20,8 @@
 //! - `upsample_nearest2x`, `gelu_tanh_gate`, `quick_gelu`, `affine` → `elementwise`
 //!   (`upsample_nearest2x` can also be folded into the next convolution's gather).
 
-use crate::backend::Backend;
-use crate::error::Result;
+use crate::backend::{check_bias, Backend};
+use crate::error::{shape_err, Result};
 use crate::weights::HostWeight;
 
 /// Zero padding of a convolution's input, in pixels on each side.
@@ -71,6 +71,99 @@ pub fn conv_out_hw(
         return None;
     }
     Some(((ph - kh) / stride + 1, (pw - kw) / stride + 1))
+}
+
+// Operand checks both backends run before an encoder op (see the checks in [`crate::backend`]).
+
+/// `(Cout, Cin, kh, kw)` of a convolution's host `weight [Cout, Cin, kh, kw]`, its `bias [Cout]`
+/// checked.
+pub(crate) fn conv_shape(
+    key: &str,
+    weight: &HostWeight,
+    bias: Option<&HostWeight>,
+) -> Result<(usize, usize, usize, usize)> {
+    let [cout, cin, kh, kw] = weight.shape[..] else {
+        return Err(shape_err(
+            "load_conv",
+            format!(
+                "{key}: weight shape {:?} is not [Cout, Cin, kh, kw]",
+                weight.shape
+            ),
+        ));
+    };
+    weight.expect_shape(key, &[cout, cin, kh, kw])?;
+    check_bias(key, bias, cout)?;
+    Ok((cout, cin, kh, kw))
+}
+
+/// A parameter vector (named `what`) of `len` values has one per channel of `n`.
+pub(crate) fn check_vector(op: &'static str, what: &str, len: usize, n: usize) -> Result<()> {
+    if len != n {
+        return Err(shape_err(
+            op,
+            format!("{what} has {len} values for {n} channels"),
+        ));
+    }
+    Ok(())
+}
+
+/// `x [H·W, C]` is an `h × w` map.
+pub(crate) fn check_map(op: &'static str, x: (usize, usize), (h, w): (usize, usize)) -> Result<()> {
+    if x.0 != h * w {
+        return Err(shape_err(
+            op,
+            format!("x [{}, {}] is not a {h}×{w} map", x.0, x.1),
+        ));
+    }
+    Ok(())
+}
+
+/// `(Ho, Wo)` of `conv2d` with `conv (Cout, Cin, kh, kw)` over `x [H·W, Cin]` of an `hw` map,
+/// after checking that `x` is that map, has `Cin` channels and that the kernel fits.
+pub(crate) fn conv2d_out_hw(
+    x: (usize, usize),
+    (h, w): (usize, usize),
+    (cout, cin, kh, kw): (usize, usize, usize, usize),
+    stride: usize,
+    pad: Pad,
+) -> Result<(usize, usize)> {
+    check_map("conv2d", x, (h, w))?;
+    if x.1 != cin {
+        return Err(shape_err(
+            "conv2d",
+            format!("x has {} channels, weight [{cout}, {cin}, {kh}, {kw}]", x.1),
+        ));
+    }
+    conv_out_hw((h, w), (kh, kw), stride, pad).ok_or_else(|| {
+        shape_err(
+            "conv2d",
+            format!(
+                "a {kh}×{kw} kernel with stride {stride} and padding {pad:?} does not fit a {h}×{w} map"
+            ),
+        )
+    })
+}
+
+/// `c` channels split into `groups` equal groups (`group_norm`).
+pub(crate) fn check_groups(c: usize, groups: usize) -> Result<()> {
+    if groups == 0 || c % groups != 0 {
+        return Err(shape_err(
+            "group_norm",
+            format!("{c} channels cannot be split into {groups} groups"),
+        ));
+    }
+    Ok(())
+}
+
+/// `x [L, 2F]` has an even width (`gelu_tanh_gate`).
+pub(crate) fn check_gate_input(x: (usize, usize)) -> Result<()> {
+    if x.1 % 2 != 0 {
+        return Err(shape_err(
+            "gelu_tanh_gate",
+            format!("x [{}, {}] is not [L, 2F]", x.0, x.1),
+        ));
+    }
+    Ok(())
 }
 
 /// Ops of the autoencoder (spec 4) and the text encoders (spec 5), on top of [`Backend`].
