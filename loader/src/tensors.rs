@@ -586,7 +586,15 @@ pub fn assemble(
                 ".scale_input",
                 ".input_scale",
             ];
-            if scale_like.iter().any(|s| local.ends_with(s)) {
+            let weight_of_scale = scale_like
+                .iter()
+                .find_map(|s| local.strip_suffix(s))
+                .map(|stem| format!("{stem}.weight"));
+            if weight_of_scale.as_deref().is_some_and(is_ignored) {
+                // The scale of an ignored weight (e.g. T5's fp8 tied embedding copy) goes with it.
+                continue;
+            }
+            if weight_of_scale.is_some() {
                 // A scale whose weight is not fp8 (or absent): harmless but suspicious.
                 problems.push(format!(
                     "unexpected scale {key}: its weight is missing or not fp8"
