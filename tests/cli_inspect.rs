@@ -90,3 +90,24 @@ fn missing_path_and_non_checkpoint_fail_cleanly() {
         "{stderr}"
     );
 }
+
+#[test]
+fn pickle_only_component_folder_says_so() {
+    let d = tempfile::tempdir().unwrap();
+    copy_dir(Path::new(PIPELINE), d.path());
+    let te = d.path().join("text_encoder");
+    for e in std::fs::read_dir(&te).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    std::fs::write(te.join("pytorch_model.bin"), b"pickle").unwrap();
+    let (ok, _, stderr) = inspect(d.path());
+    assert!(!ok);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("text_encoder/ holds PyTorch pickle weights") && stderr.contains("HINT"),
+        "{stderr}"
+    );
+}

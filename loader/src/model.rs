@@ -76,6 +76,32 @@ impl ModelPaths {
             t5_tokenizer: tok("tokenizer_2"),
             scheduler: Some(root.join("scheduler/scheduler_config.json")).filter(|p| p.is_file()),
         };
+        // A component folder without safetensors (PyTorch .bin or nothing) would otherwise read
+        // as "not found"; say what is there instead.
+        let parts = [
+            ("transformer", &paths.transformer),
+            ("vae", &paths.vae),
+            ("text_encoder", &paths.clip),
+            ("text_encoder_2", &paths.t5),
+        ];
+        for (name, found) in parts {
+            let dir = root.join(name);
+            if found.is_none() && dir.is_dir() {
+                let has_bin = std::fs::read_dir(&dir).is_ok_and(|rd| {
+                    rd.filter_map(|e| e.ok()).any(|e| {
+                        e.path()
+                            .extension()
+                            .is_some_and(|x| x == "bin" || x == "pt" || x == "ckpt")
+                    })
+                });
+                let reason = if has_bin {
+                    format!("{name}/ holds PyTorch pickle weights (.bin/.pt/.ckpt) but no .safetensors. HINT: kontext-fast reads safetensors only; re-save the model with safe_serialization=True or download the safetensors files")
+                } else {
+                    format!("{name}/ holds no .safetensors file")
+                };
+                return Err(LoadError::UnknownLayout { path: dir, reason });
+            }
+        }
         if paths == ModelPaths::default() {
             return Err(LoadError::UnknownLayout {
                 path: root.to_path_buf(),
