@@ -11,7 +11,6 @@
 #![warn(missing_docs)]
 
 use crate::error::{shape_err, Result};
-use crate::layers;
 use crate::weights::{HostWeight, StoredWeight};
 
 /// The ops one forward of the Flux transformer needs (spec 1.3 – 1.10).
@@ -133,12 +132,6 @@ pub trait Backend {
     fn slice_rows(&self, x: &Self::Tensor, begin: usize, end: usize) -> Result<Self::Tensor>;
     /// Columns `[begin, end)` of `x [L, C]` → `[L, end − begin]`.
     fn slice_cols(&self, x: &Self::Tensor, begin: usize, end: usize) -> Result<Self::Tensor>;
-
-    /// Sinusoidal embedding of one scalar `s` (t or guidance, ×1000 inside) → `[1, dim]`,
-    /// `[cos ‖ sin]` (spec 1.3). Host-side by default: it is 256 numbers per step.
-    fn timestep_embedding(&self, s: f32, dim: usize) -> Result<Self::Tensor> {
-        self.upload(&layers::timestep_embedding(s, dim), 1, dim)
-    }
 }
 
 // Operand checks both backends run before an op: backend-independent, on `(rows, cols)` pairs,

@@ -7,7 +7,7 @@
 #![warn(missing_docs)]
 
 use crate::backend::Backend;
-use crate::error::{EngineError, Result};
+use crate::error::{shape_err, EngineError, Result};
 use crate::weights::{load_linear, load_vector, WeightSource};
 
 /// LayerNorm epsilon (all `*_norm1/2`, `pre_norm`, `norm_final`; spec 1.5).
@@ -93,7 +93,8 @@ impl EmbedNd {
     }
 }
 
-/// `out_layer(SiLU(in_layer(x)))`, both with bias: `[1, in] → [1, D]` (spec 1.3).
+/// `out_layer(SiLU(in_layer(x)))`, both with bias: `[N, in] → [N, D]`, one row per timestep
+/// (spec 1.3).
 pub struct MlpEmbedder<B: Backend> {
     /// `in_layer` `[D, in]`.
     pub in_layer: B::Linear,
@@ -110,11 +111,24 @@ impl<B: Backend> MlpEmbedder<B> {
         })
     }
 
-    /// `x [1, in] → [1, D]`.
+    /// `x [N, in] → [N, D]`.
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = b.linear(x, &self.in_layer)?; // [1, D]
-        let h = b.silu(&h)?; // [1, D]
-        b.linear(&h, &self.out_layer) // [1, D]
+        let h = b.linear(x, &self.in_layer)?; // [N, D]
+        let h = b.silu(&h)?; // [N, D]
+        b.linear(&h, &self.out_layer) // [N, D]
+    }
+}
+
+/// The one step of a batched modulation whose `vec` was `[1, D]`.
+fn one_step<T>(mut steps: Vec<T>) -> Result<T> {
+    match steps.len() {
+        1 => steps
+            .pop()
+            .ok_or_else(|| shape_err("modulation", "no step")),
+        n => Err(shape_err(
+            "modulation",
+            format!("vec has {n} rows, expected 1"),
+        )),
     }
 }
 
@@ -154,22 +168,41 @@ impl<B: Backend> Modulation<B> {
 
     /// `vec [1, D]` → (shift, scale, gate) and, for a double block, (shift2, scale2, gate2).
     pub fn forward(&self, b: &B, vec: &B::Tensor) -> Result<ModulationPair<B::Tensor>> {
+        one_step(self.forward_batched(b, vec)?)
+    }
+
+    /// `vecs [S, D]`, one row per step → per step, what [`Modulation::forward`] gives for that
+    /// row: one GEMM over all steps instead of a GEMV per step, so `lin` is read once.
+    pub fn forward_batched(
+        &self,
+        b: &B,
+        vecs: &B::Tensor,
+    ) -> Result<Vec<ModulationPair<B::Tensor>>> {
         let d = self.dim;
-        let out = b.linear(&b.silu(vec)?, &self.lin)?; // [1, k·D]
-        let chunk = |i: usize| b.slice_cols(&out, i * d, (i + 1) * d); // [1, D]
-        let triple = |first: usize| -> Result<ModulationOut<B::Tensor>> {
-            Ok(ModulationOut {
-                shift: chunk(first)?,
-                scale: chunk(first + 1)?,
-                gate: chunk(first + 2)?,
+        let k = if self.is_double { 6 } else { 3 };
+        let out = b.linear(&b.silu(vecs)?, &self.lin)?; // [S, k·D]
+        let chunks = (0..k)
+            .map(|i| b.slice_cols(&out, i * d, (i + 1) * d))
+            .collect::<Result<Vec<_>>>()?; // k × [S, D]
+        let steps = b.dims(vecs).0;
+        (0..steps)
+            .map(|s| {
+                let chunk = |i: usize| b.slice_rows(&chunks[i], s, s + 1); // [1, D]
+                let triple = |first: usize| -> Result<ModulationOut<B::Tensor>> {
+                    Ok(ModulationOut {
+                        shift: chunk(first)?,
+                        scale: chunk(first + 1)?,
+                        gate: chunk(first + 2)?,
+                    })
+                };
+                let second = if self.is_double {
+                    Some(triple(3)?)
+                } else {
+                    None
+                };
+                Ok((triple(0)?, second))
             })
-        };
-        let second = if self.is_double {
-            Some(triple(3)?)
-        } else {
-            None
-        };
-        Ok((triple(0)?, second))
+            .collect()
     }
 }
 
@@ -231,6 +264,19 @@ pub struct BlockDims {
     pub mlp_hidden: usize,
 }
 
+/// A double block's adaLN chunks at one step: per stream, the attention triple (`*_mod1`) and the
+/// MLP triple (`*_mod2`), each chunk `[1, D]`.
+pub struct DoubleBlockModulation<T> {
+    /// Image stream, attention branch.
+    pub img_mod1: ModulationOut<T>,
+    /// Image stream, MLP branch.
+    pub img_mod2: ModulationOut<T>,
+    /// Text stream, attention branch.
+    pub txt_mod1: ModulationOut<T>,
+    /// Text stream, MLP branch.
+    pub txt_mod2: ModulationOut<T>,
+}
+
 /// MMDiT block: separate weights for the text and image streams, joint attention (spec 1.8).
 pub struct DoubleStreamBlock<B: Backend> {
     /// Image-stream adaLN (6 chunks).
@@ -284,13 +330,49 @@ impl<B: Backend> DoubleStreamBlock<B> {
         })
     }
 
+    /// `vecs [S, D]`, one row per step → this block's modulation at each step (one GEMM per
+    /// stream for all steps).
+    pub fn modulation_batched(
+        &self,
+        b: &B,
+        vecs: &B::Tensor,
+    ) -> Result<Vec<DoubleBlockModulation<B::Tensor>>> {
+        let missing = || EngineError::Config("double block modulation has no second triple".into());
+        let img = self.img_mod.forward_batched(b, vecs)?; // S × 2 × 3 × [1, D]
+        let txt = self.txt_mod.forward_batched(b, vecs)?; // S × 2 × 3 × [1, D]
+        img.into_iter()
+            .zip(txt)
+            .map(|((img_mod1, img_mod2), (txt_mod1, txt_mod2))| {
+                Ok(DoubleBlockModulation {
+                    img_mod1,
+                    img_mod2: img_mod2.ok_or_else(missing)?,
+                    txt_mod1,
+                    txt_mod2: txt_mod2.ok_or_else(missing)?,
+                })
+            })
+            .collect()
+    }
+
     /// `img [Ni, D]`, `txt [Lt, D]`, `vec [1, D]`, `pe [Lt + Ni, Dh]` → new `(img, txt)`.
     pub fn forward(
         &self,
         b: &B,
+        img: B::Tensor,
+        txt: B::Tensor,
+        vec: &B::Tensor,
+        pe: &B::Tensor,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let m = one_step(self.modulation_batched(b, vec)?)?;
+        self.forward_modulated(b, img, txt, &m, pe)
+    }
+
+    /// [`DoubleStreamBlock::forward`] with this step's modulation `m` already computed.
+    pub fn forward_modulated(
+        &self,
+        b: &B,
         mut img: B::Tensor,
         mut txt: B::Tensor,
-        vec: &B::Tensor,
+        m: &DoubleBlockModulation<B::Tensor>,
         pe: &B::Tensor,
     ) -> Result<(B::Tensor, B::Tensor)> {
         let BlockDims {
@@ -300,11 +382,12 @@ impl<B: Backend> DoubleStreamBlock<B> {
         } = self.dims;
         let (lt, _) = b.dims(&txt);
         let (ni, _) = b.dims(&img);
-        let missing = || EngineError::Config("double block modulation has no second triple".into());
-        let (img_mod1, img_mod2) = self.img_mod.forward(b, vec)?;
-        let img_mod2 = img_mod2.ok_or_else(missing)?; // 2 × 3 × [1, D]
-        let (txt_mod1, txt_mod2) = self.txt_mod.forward(b, vec)?;
-        let txt_mod2 = txt_mod2.ok_or_else(missing)?; // 2 × 3 × [1, D]
+        let DoubleBlockModulation {
+            img_mod1,
+            img_mod2,
+            txt_mod1,
+            txt_mod2,
+        } = m; // 4 × 3 × [1, D]
 
         // image q, k, v: pe rows [Lt, L)
         let img_modulated = b.norm_modulate(&img, &img_mod1.shift, &img_mod1.scale)?; // [Ni, D]
@@ -369,12 +452,35 @@ impl<B: Backend> SingleStreamBlock<B> {
         })
     }
 
+    /// `vecs [S, D]`, one row per step → this block's (shift, scale, gate) at each step (one
+    /// GEMM for all steps).
+    pub fn modulation_batched(
+        &self,
+        b: &B,
+        vecs: &B::Tensor,
+    ) -> Result<Vec<ModulationOut<B::Tensor>>> {
+        let m = self.modulation.forward_batched(b, vecs)?; // S × 3 × [1, D]
+        Ok(m.into_iter().map(|(m1, _)| m1).collect())
+    }
+
     /// `x [L, D]` (text first), `vec [1, D]`, `pe [L, Dh]` → `[L, D]`.
     pub fn forward(
         &self,
         b: &B,
-        mut x: B::Tensor,
+        x: B::Tensor,
         vec: &B::Tensor,
+        pe: &B::Tensor,
+    ) -> Result<B::Tensor> {
+        let (m1, _) = self.modulation.forward(b, vec)?; // 3 × [1, D]
+        self.forward_modulated(b, x, &m1, pe)
+    }
+
+    /// [`SingleStreamBlock::forward`] with this step's modulation `m1` already computed.
+    pub fn forward_modulated(
+        &self,
+        b: &B,
+        mut x: B::Tensor,
+        m1: &ModulationOut<B::Tensor>,
         pe: &B::Tensor,
     ) -> Result<B::Tensor> {
         let BlockDims {
@@ -383,7 +489,6 @@ impl<B: Backend> SingleStreamBlock<B> {
             head_dim: hd,
             mlp_hidden: m,
         } = self.dims;
-        let (m1, _) = self.modulation.forward(b, vec)?; // 3 × [1, D]
         let x_mod = b.norm_modulate(&x, &m1.shift, &m1.scale)?; // [L, D]
         let mut lin1 = b.linear(&x_mod, &self.linear1)?; // [L, 3D + M]
         let n = &self.norm;
@@ -396,6 +501,14 @@ impl<B: Backend> SingleStreamBlock<B> {
         b.gate_residual(&mut x, &m1.gate, &y)?; // [L, D]
         Ok(x)
     }
+}
+
+/// The final layer's adaLN chunks at one step, each `[1, D]`.
+pub struct LastLayerModulation<T> {
+    /// `[1, D]`, added after the norm.
+    pub shift: T,
+    /// `[1, D]`, used as `1 + scale`.
+    pub scale: T,
 }
 
 /// `final_layer`: adaLN with (shift, scale) in BFL order, then `linear [out, D]` (spec 1.10).
@@ -425,13 +538,40 @@ impl<B: Backend> LastLayer<B> {
         })
     }
 
+    /// `vecs [S, D]`, one row per step → (shift, scale) at each step (one GEMM for all steps).
+    pub fn modulation_batched(
+        &self,
+        b: &B,
+        vecs: &B::Tensor,
+    ) -> Result<Vec<LastLayerModulation<B::Tensor>>> {
+        let d = self.hidden;
+        let m = b.linear(&b.silu(vecs)?, &self.ada_ln_modulation)?; // [S, 2D]
+        let shift = b.slice_cols(&m, 0, d)?; // [S, D]
+        let scale = b.slice_cols(&m, d, 2 * d)?; // [S, D]
+        (0..b.dims(vecs).0)
+            .map(|s| {
+                Ok(LastLayerModulation {
+                    shift: b.slice_rows(&shift, s, s + 1)?, // [1, D]
+                    scale: b.slice_rows(&scale, s, s + 1)?, // [1, D]
+                })
+            })
+            .collect()
+    }
+
     /// `img [Ni, D]`, `vec [1, D]` → `[Ni, out]`.
     pub fn forward(&self, b: &B, img: &B::Tensor, vec: &B::Tensor) -> Result<B::Tensor> {
-        let d = self.hidden;
-        let m = b.linear(&b.silu(vec)?, &self.ada_ln_modulation)?; // [1, 2D]
-        let shift = b.slice_cols(&m, 0, d)?; // [1, D]
-        let scale = b.slice_cols(&m, d, 2 * d)?; // [1, D]
-        let x = b.norm_modulate(img, &shift, &scale)?; // [Ni, D]
+        let m = one_step(self.modulation_batched(b, vec)?)?;
+        self.forward_modulated(b, img, &m)
+    }
+
+    /// [`LastLayer::forward`] with this step's (shift, scale) already computed.
+    pub fn forward_modulated(
+        &self,
+        b: &B,
+        img: &B::Tensor,
+        m: &LastLayerModulation<B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let x = b.norm_modulate(img, &m.shift, &m.scale)?; // [Ni, D]
         b.linear(&x, &self.linear) // [Ni, out]
     }
 }

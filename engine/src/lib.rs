@@ -34,5 +34,5 @@ pub use cpu::{CpuBackend, CpuLinear, CpuTensor};
 pub use cuda::{CudaBackend, CudaTensor};
 pub use error::{EngineError, Result};
 pub use layers::{timestep_embedding, EmbedNd};
-pub use model::{Flux, FluxInputs, StageHook};
+pub use model::{Flux, FluxInputs, StageHook, StepConditioning};
 pub use weights::{random_weights, HostWeight, WeightMap, WeightSource};

@@ -3,10 +3,10 @@
 #![warn(missing_docs)]
 
 use crate::backend::Backend;
-use crate::error::{EngineError, Result};
+use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{
-    BlockDims, DoubleStreamBlock, EmbedNd, LastLayer, MlpEmbedder, SingleStreamBlock,
-    TIME_EMBED_DIM,
+    timestep_embedding, BlockDims, DoubleBlockModulation, DoubleStreamBlock, EmbedNd, LastLayer,
+    LastLayerModulation, MlpEmbedder, ModulationOut, SingleStreamBlock, TIME_EMBED_DIM,
 };
 use crate::weights::{load_linear, WeightSource};
 use kontext_loader::{FluxConfig, Transformer};
@@ -33,6 +33,20 @@ pub struct FluxInputs<'a> {
     pub guidance: f32,
     /// Pooled CLIP vector `[vec_in_dim]`.
     pub y: &'a [f32],
+}
+
+/// Everything one step's forward needs that depends only on (t, guidance, y): `vec` and the adaLN
+/// chunks of every block and of the final layer, each `[1, D]`. [`Flux::conditioning`] computes
+/// them for all steps of a schedule before the denoising loop.
+pub struct StepConditioning<T> {
+    /// `vec = time_in(temb(t)) + guidance_in(temb(g)) + vector_in(y)` `[1, D]`.
+    pub vec: T,
+    /// `double_blocks.{i}.img_mod` / `txt_mod` outputs, one per double block.
+    pub double_blocks: Vec<DoubleBlockModulation<T>>,
+    /// `single_blocks.{i}.modulation` outputs, one per single block.
+    pub single_blocks: Vec<ModulationOut<T>>,
+    /// `final_layer.adaLN_modulation` output.
+    pub final_layer: LastLayerModulation<T>,
 }
 
 /// The Flux (Kontext) transformer on backend `B`.
@@ -161,19 +175,73 @@ impl<B: Backend> Flux<B> {
         Flux::load(backend, t.config.clone(), &t.weights)
     }
 
-    /// `vec = time_in(temb(t)) + guidance_in(temb(g)) + vector_in(y)`; `y [1, vec_in]` → `[1, D]`.
-    pub fn embed_vec(&self, t: f32, guidance: f32, y: &B::Tensor) -> Result<B::Tensor> {
+    /// `vec = time_in(temb(t)) + guidance_in(temb(g)) + vector_in(y)` for each of the timesteps
+    /// `ts` (`[S]`), one guidance and one pooled `y [vec_in]` (host) → `[S, D]`, one row per
+    /// step. Guidance and `y` are repeated over the rows so every embedder is one GEMM.
+    pub fn embed_vec(&self, ts: &[f32], guidance: f32, y: &[f32]) -> Result<B::Tensor> {
         let b = &self.backend;
-        let mut vec = self
-            .time_in
-            .forward(b, &b.timestep_embedding(t, TIME_EMBED_DIM)?)?; // [1, D]
+        let c = &self.config;
+        let s = ts.len();
+        check_len("y", y, 1, c.vec_in_dim, format!("[{}]", c.vec_in_dim))?;
+        let temb: Vec<f32> = ts
+            .iter()
+            .flat_map(|&t| timestep_embedding(t, TIME_EMBED_DIM))
+            .collect(); // [S, 256]
+        let temb = b.upload(&temb, s, TIME_EMBED_DIM)?;
+        let mut vec = self.time_in.forward(b, &temb)?; // [S, D]
         if let Some(g) = &self.guidance_in {
-            let gv = g.forward(b, &b.timestep_embedding(guidance, TIME_EMBED_DIM)?)?; // [1, D]
+            let gemb = timestep_embedding(guidance, TIME_EMBED_DIM).repeat(s); // [S, 256]
+            let gv = g.forward(b, &b.upload(&gemb, s, TIME_EMBED_DIM)?)?; // [S, D]
             b.add_assign(&mut vec, &gv)?;
         }
-        let yv = self.vector_in.forward(b, y)?; // [1, D]
-        b.add_assign(&mut vec, &yv)?; // [1, D]
+        let ys = b.upload(&y.repeat(s), s, c.vec_in_dim)?; // [S, vec_in]
+        let yv = self.vector_in.forward(b, &ys)?; // [S, D]
+        b.add_assign(&mut vec, &yv)?; // [S, D]
         Ok(vec)
+    }
+
+    /// The conditioning of every step of a schedule at once, before the denoising loop: `vec`
+    /// for the timesteps `ts` (`[S]`), then each modulation layer as one GEMM over the `S` rows
+    /// (the weights are read once per request, not once per step) → one [`StepConditioning`]
+    /// per timestep, in order.
+    pub fn conditioning(
+        &self,
+        ts: &[f32],
+        guidance: f32,
+        y: &[f32],
+    ) -> Result<Vec<StepConditioning<B::Tensor>>> {
+        let b = &self.backend;
+        let vecs = self.embed_vec(ts, guidance, y)?; // [S, D]
+        let mut double: Vec<_> = self
+            .double_blocks
+            .iter()
+            .map(|blk| Ok(blk.modulation_batched(b, &vecs)?.into_iter())) // blocks × S
+            .collect::<Result<_>>()?;
+        let mut single: Vec<_> = self
+            .single_blocks
+            .iter()
+            .map(|blk| Ok(blk.modulation_batched(b, &vecs)?.into_iter())) // blocks × S
+            .collect::<Result<_>>()?;
+        let finals = self.final_layer.modulation_batched(b, &vecs)?; // S
+        let missing = || shape_err("Flux::conditioning", "a modulation has fewer rows than vec");
+        finals
+            .into_iter()
+            .enumerate()
+            .map(|(i, final_layer)| {
+                Ok(StepConditioning {
+                    vec: b.slice_rows(&vecs, i, i + 1)?, // [1, D]
+                    double_blocks: double
+                        .iter_mut()
+                        .map(|m| m.next().ok_or_else(missing))
+                        .collect::<Result<_>>()?,
+                    single_blocks: single
+                        .iter_mut()
+                        .map(|m| m.next().ok_or_else(missing))
+                        .collect::<Result<_>>()?,
+                    final_layer,
+                })
+            })
+            .collect()
     }
 
     /// RoPE table of the joint sequence `[text ‖ image]`: ids `[Lt, 3]`, `[Ni, 3]` → `[Lt + Ni, Dh]`.
@@ -184,13 +252,13 @@ impl<B: Backend> Flux<B> {
         self.backend.upload(&pe, pe.len() / hd, hd)
     }
 
-    /// The transformer body on embedded inputs: raw `img [Ni, in]`, raw `txt [Lt, ctx]`,
-    /// `vec [1, D]`, `pe [Lt + Ni, Dh]` → `[Ni, out]`. Calls `hook` after each stage.
+    /// The transformer body on embedded inputs: raw `img [Ni, in]`, raw `txt [Lt, ctx]`, the
+    /// step's conditioning, `pe [Lt + Ni, Dh]` → `[Ni, out]`. Calls `hook` after each stage.
     pub fn forward_embedded(
         &self,
         img: &B::Tensor,
         txt: &B::Tensor,
-        vec: &B::Tensor,
+        cond: &StepConditioning<B::Tensor>,
         pe: &B::Tensor,
         mut hook: Option<StageHook<'_>>,
     ) -> Result<B::Tensor> {
@@ -202,34 +270,65 @@ impl<B: Backend> Flux<B> {
                 detail: format!("pe has {} rows for Lt {lt} + Ni {ni} tokens", b.dims(pe).0),
             });
         }
+        if cond.double_blocks.len() != self.double_blocks.len()
+            || cond.single_blocks.len() != self.single_blocks.len()
+        {
+            return Err(shape_err(
+                "Flux::forward",
+                format!(
+                    "conditioning for {} + {} blocks, the model has {} + {}",
+                    cond.double_blocks.len(),
+                    cond.single_blocks.len(),
+                    self.double_blocks.len(),
+                    self.single_blocks.len()
+                ),
+            ));
+        }
         let mut img = b.linear(img, &self.img_in)?; // [Ni, D]
         observe(b, &mut hook, || "img_in".into(), &img)?;
         let mut txt = b.linear(txt, &self.txt_in)?; // [Lt, D]
         observe(b, &mut hook, || "txt_in".into(), &txt)?;
 
-        for (i, block) in self.double_blocks.iter().enumerate() {
-            (img, txt) = block.forward(b, img, txt, vec, pe)?; // [Ni, D], [Lt, D]
+        let doubles = self.double_blocks.iter().zip(&cond.double_blocks);
+        for (i, (block, m)) in doubles.enumerate() {
+            (img, txt) = block.forward_modulated(b, img, txt, m, pe)?; // [Ni, D], [Lt, D]
             observe(b, &mut hook, || format!("double_blocks.{i}.img"), &img)?;
             observe(b, &mut hook, || format!("double_blocks.{i}.txt"), &txt)?;
         }
 
         let mut x = b.concat_rows(&txt, &img)?; // [L, D], text first
-        for (i, block) in self.single_blocks.iter().enumerate() {
-            x = block.forward(b, x, vec, pe)?; // [L, D]
+        let singles = self.single_blocks.iter().zip(&cond.single_blocks);
+        for (i, (block, m)) in singles.enumerate() {
+            x = block.forward_modulated(b, x, m, pe)?; // [L, D]
             observe(b, &mut hook, || format!("single_blocks.{i}"), &x)?;
         }
         let img = b.slice_rows(&x, lt, lt + ni)?; // [Ni, D]
 
-        let out = self.final_layer.forward(b, &img, vec)?; // [Ni, out]
+        let out = self
+            .final_layer
+            .forward_modulated(b, &img, &cond.final_layer)?; // [Ni, out]
         observe(b, &mut hook, || "output".into(), &out)?;
         Ok(out)
     }
 
     /// One forward from host inputs → velocity `[Ni, out]` (all image rows; the sampler keeps the
-    /// first `Nx`). Calls `hook` with `vec` and every stage of [`Flux::forward_embedded`].
-    pub fn forward(
+    /// first `Nx`): the conditioning of `inp.t` alone, then [`Flux::forward_conditioned`]. Calls
+    /// `hook` with `vec` and every stage of [`Flux::forward_embedded`].
+    pub fn forward(&self, inp: &FluxInputs<'_>, hook: Option<StageHook<'_>>) -> Result<Vec<f32>> {
+        let cond = self.conditioning(&[inp.t], inp.guidance, inp.y)?;
+        let cond = cond
+            .first()
+            .ok_or_else(|| shape_err("Flux::forward", "no conditioning for t"))?;
+        self.forward_conditioned(inp, cond, hook)
+    }
+
+    /// One forward with the step's conditioning already computed (by [`Flux::conditioning`], for
+    /// `inp.t`, `inp.guidance` and `inp.y`, which are not read here) → velocity `[Ni, out]`.
+    /// Calls `hook` with `vec` and every stage of [`Flux::forward_embedded`].
+    pub fn forward_conditioned(
         &self,
         inp: &FluxInputs<'_>,
+        cond: &StepConditioning<B::Tensor>,
         mut hook: Option<StageHook<'_>>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
@@ -252,15 +351,12 @@ impl<B: Backend> Flux<B> {
             format!("[Lt, {}]", c.context_in_dim),
         )?;
         check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
-        check_len("y", inp.y, 1, c.vec_in_dim, format!("[{}]", c.vec_in_dim))?;
 
-        let y = b.upload(inp.y, 1, c.vec_in_dim)?; // [1, vec_in]
-        let vec = self.embed_vec(inp.t, inp.guidance, &y)?; // [1, D]
-        observe(b, &mut hook, || "vec".into(), &vec)?;
+        observe(b, &mut hook, || "vec".into(), &cond.vec)?; // [1, D]
         let pe = self.pe(inp.txt_ids, inp.img_ids)?; // [L, Dh]
         let img = b.upload(inp.img, ni, c.in_channels)?; // [Ni, in]
         let txt = b.upload(inp.txt, lt, c.context_in_dim)?; // [Lt, ctx]
-        let out = self.forward_embedded(&img, &txt, &vec, &pe, hook)?; // [Ni, out]
+        let out = self.forward_embedded(&img, &txt, cond, &pe, hook)?; // [Ni, out]
         b.download(&out)
     }
 }

@@ -502,6 +502,19 @@ impl Pipeline {
             y: &pooled,
         };
         let t0 = Instant::now();
+        // vec and every block's modulation depend only on (t, guidance, y): all steps at once,
+        // before the loop, in memory of their own (one pool on CUDA) that outlives the loop's.
+        let timesteps = &schedule[..schedule.len() - 1]; // t of each step
+        let conditioning = flux.backend.planned(
+            &mut || {
+                flux.conditioning(timesteps, opts.guidance, &pooled)
+                    .map(drop)
+            },
+            &mut || flux.conditioning(timesteps, opts.guidance, &pooled),
+        )?; // steps × (vec and every modulation chunk, [1, D] each)
+        let first_cond = conditioning
+            .first()
+            .ok_or_else(|| EngineError::Config("a denoising loop of 0 steps".into()))?;
         // Every step has the shapes of the first: plan it, then loop in its memory.
         let first = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
         let mut plan_step = || {
@@ -509,11 +522,11 @@ impl Pipeline {
                 img: &first,
                 ..base
             };
-            flux.forward(&inp, None).map(drop)
+            flux.forward_conditioned(&inp, first_cond, None).map(drop)
         };
         let mut denoise = || -> Result<()> {
             progress(&Progress::Denoising { steps: opts.steps });
-            for (i, w) in schedule.windows(2).enumerate() {
+            for (i, (w, cond)) in schedule.windows(2).zip(&conditioning).enumerate() {
                 let step_start = Instant::now();
                 let img = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
                 let inp = FluxInputs {
@@ -521,7 +534,7 @@ impl Pipeline {
                     t: w[0],
                     ..base
                 };
-                let pred = flux.forward(&inp, None)?; // [Nx + Nc, 4z]
+                let pred = flux.forward_conditioned(&inp, cond, None)?; // [Nx + Nc, 4z]
                 let v = target_rows(&pred, nx, 4 * z)?; // [Nx, 4z]
                 let dt = w[1] - w[0];
                 for (xi, vi) in x.iter_mut().zip(v) {

@@ -204,3 +204,60 @@ fn load_family(
         .load_module(Ptx::from_binary(compiled.cubin))
         .map_err(|e| error::driver_err(format!("cuModuleLoadData {}.cu ({arch})", family.name), e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The integer value of `#define name N` in `source`.
+    fn define(source: &str, name: &str) -> usize {
+        source
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("#define "))
+            .find_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some(name)).then(|| w.next().and_then(|v| v.parse().ok()))?
+            })
+            .unwrap_or_else(|| panic!("no integer #define {name}"))
+    }
+
+    /// The launchers size grids and blocks from Rust constants that the kernels assume through
+    /// their own #defines (block_sum's warp count, attention's queries per block): a mismatch
+    /// would compile and launch, and compute wrong results.
+    #[test]
+    fn launch_constants_match_the_sources() {
+        let src = |f: &Family| f.source;
+        let n = src(&norm_modulate::FAMILY);
+        assert_eq!(define(n, "NORM_THREADS"), norm_modulate::THREADS as usize);
+        let q = src(&qk_norm_rope::FAMILY);
+        assert_eq!(define(q, "QKR_THREADS"), qk_norm_rope::THREADS as usize);
+        let a = src(&attention::FAMILY);
+        let (warps, qpw) = (define(a, "ATT_WARPS"), define(a, "ATT_QPW"));
+        assert_eq!(warps * 32, attention::THREADS as usize);
+        assert_eq!(warps * qpw, attention::QUERIES_PER_BLOCK);
+        assert_eq!(define(a, "ATT_MAX_DH"), attention::MAX_HEAD_DIM);
+        assert_eq!(
+            define(a, "SOFTMAX_THREADS"),
+            attention::SOFTMAX_THREADS as usize
+        );
+        let e = src(&elementwise::FAMILY);
+        assert_eq!(define(e, "EW_THREADS"), elementwise::THREADS as usize);
+        let t = elementwise::transpose_dims(1, 1).block;
+        assert_eq!(
+            (define(e, "TR_TILE"), define(e, "TR_ROWS")),
+            (t.0 as usize, t.1 as usize)
+        );
+        assert_eq!(
+            define(src(&fp8::FAMILY), "FP8_THREADS"),
+            fp8::THREADS as usize
+        );
+        assert_eq!(
+            define(src(&conv::FAMILY), "CONV_THREADS"),
+            conv::THREADS as usize
+        );
+        assert_eq!(
+            define(src(&group_norm::FAMILY), "GN_THREADS"),
+            group_norm::THREADS as usize
+        );
+    }
+}
