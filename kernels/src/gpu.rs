@@ -212,20 +212,19 @@ impl Gpu {
 
     /// Writes host f32 values into `dst` (bf16: rounded; f32: as is), no allocation.
     pub fn write_f32(&self, dst: &DeviceMat, data: &[f32]) -> Result<()> {
-        let bytes: Vec<u8> = match dst.dtype() {
-            DType::Bf16 => data
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
-            DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            other => {
-                return Err(shape_err(
-                    "write_f32",
-                    format!("cannot write f32 values into a {other} matrix"),
-                ))
+        // Host and device are both little-endian, so plain values are their own byte image
+        // (bytemuck views them without a copy).
+        match dst.dtype() {
+            DType::Bf16 => {
+                let v: Vec<bf16> = data.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.write_bytes(dst, bytemuck::cast_slice(&v))
             }
-        };
-        self.write_bytes(dst, &bytes)
+            DType::F32 => self.write_bytes(dst, bytemuck::cast_slice(data)),
+            other => Err(shape_err(
+                "write_f32",
+                format!("cannot write f32 values into a {other} matrix"),
+            )),
+        }
     }
 
     /// Writes raw element bytes (row-major, `rows·cols` elements) into `dst`, no allocation.
@@ -260,17 +259,16 @@ impl Gpu {
     pub fn read_f32(&self, src: &DeviceMat) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(src)?;
         Ok(match src.dtype() {
-            DType::Bf16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            // pod_collect_to_vec copies into aligned storage: the byte buffer has no f32
+            // alignment guarantee.
+            DType::Bf16 => bytemuck::pod_collect_to_vec::<u8, bf16>(&bytes)
+                .into_iter()
+                .map(bf16::to_f32)
                 .collect(),
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            DType::I32 => bytes
-                .chunks_exact(4)
-                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+            DType::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&bytes),
+            DType::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(&bytes)
+                .into_iter()
+                .map(|v| v as f32)
                 .collect(),
             DType::F8E4M3 | DType::F8E5M2 => {
                 return Err(shape_err(
