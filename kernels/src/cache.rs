@@ -2,11 +2,12 @@
 //!
 //! One file per (family, architecture, NVRTC version, source hash):
 //! `<dir>/<family>-<arch>-nvrtc<major>.<minor>-<hash>.cubin`, where the hash (64-bit FNV-1a)
-//! covers the family's source, `common.cuh` and the compile options. A changed kernel, header,
-//! option or NVRTC gets a new file; stale files are harmless. Writes go to a temporary file that
-//! is renamed into place, so concurrent starts never read a half-written module. The directory is
-//! `$KONTEXT_CACHE_DIR`, else `$XDG_CACHE_HOME/kontext-fast/kernels`, else
-//! `~/.cache/kontext-fast/kernels`; `KONTEXT_KERNEL_CACHE=off` disables it.
+//! covers the family's source, the shared headers (`common.cuh`, `ptx.cuh`) and the compile
+//! options. A changed kernel, header, option or NVRTC gets a new file; stale files are
+//! harmless. Writes go to a temporary file that is renamed into place, so concurrent starts never
+//! read a half-written module. The directory is `$KONTEXT_CACHE_DIR`, else
+//! `$XDG_CACHE_HOME/kontext-fast/kernels`, else `~/.cache/kontext-fast/kernels`;
+//! `KONTEXT_KERNEL_CACHE=off` disables it.
 
 use crate::error::{KernelError, Result};
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ pub struct CacheKey {
     pub family: &'static str,
     pub arch: String,
     pub nvrtc: (i32, i32),
-    /// FNV-1a of source, common.cuh and options.
+    /// FNV-1a of source, the shared headers and options.
     pub hash: u64,
 }
 
@@ -38,7 +39,7 @@ impl CacheKey {
     pub fn new(
         family: &'static str,
         source: &str,
-        common: &str,
+        headers: &str,
         options: &[String],
         arch: &str,
         nvrtc: (i32, i32),
@@ -48,7 +49,7 @@ impl CacheKey {
             family,
             arch: arch.to_string(),
             nvrtc,
-            hash: fnv1a64(&[source.as_bytes(), common.as_bytes(), opts.as_bytes()]),
+            hash: fnv1a64(&[source.as_bytes(), headers.as_bytes(), opts.as_bytes()]),
         }
     }
 

@@ -64,6 +64,14 @@ pub struct Family {
 /// The header every family includes.
 pub const COMMON_CUH: &str = include_str!("../cuda/common.cuh");
 
+/// Every inline-PTX instruction, each beside its emulated twin (style.md: a kernel never writes
+/// `asm` itself).
+pub const PTX_CUH: &str = include_str!("../cuda/ptx.cuh");
+
+/// The headers a family may include, handed to NVRTC in memory (name, text): the sources are
+/// compiled into the binary, so a carried binary needs no source tree.
+pub const HEADERS: [(&str, &str); 2] = [("common.cuh", COMMON_CUH), ("ptx.cuh", PTX_CUH)];
+
 /// Every kernel family (what the NVRTC test compiles; `Kernels::load` loads the same seven).
 pub const FAMILIES: [Family; 7] = [
     norm_modulate::FAMILY,
@@ -176,7 +184,7 @@ fn load_family(
     let key = CacheKey::new(
         family.name,
         family.source,
-        COMMON_CUH,
+        &HEADERS.map(|(_, text)| text).concat(),
         &nvrtc.options(&arch),
         &arch,
         nvrtc.version,

@@ -1,8 +1,8 @@
 //! Compiling the kernel families with NVRTC into cubins for one GPU architecture.
 //!
-//! Each `kernels/cuda/<family>.cu` is compiled on its own, with `common.cuh` handed to NVRTC as
-//! an in-memory header (the sources are compiled into the binary, so a carried binary needs no
-//! source tree). Output is a cubin for a real architecture (`sm_80`, `sm_89`, `sm_90a`, …), loaded
+//! Each `kernels/cuda/<family>.cu` is compiled on its own, with `common.cuh` and `ptx.cuh` handed
+//! to NVRTC as in-memory headers (the sources are compiled into the binary, so a carried binary
+//! needs no source tree). Output is a cubin for a real architecture (`sm_80`, `sm_89`, `sm_90a`, …), loaded
 //! with `cuModuleLoadData`; nothing is left for the driver to JIT.
 
 use crate::error::{KernelError, Result};
@@ -122,10 +122,16 @@ impl Nvrtc {
         };
         let src = c(family.source)?;
         let name = c(&format!("{}.cu", family.name))?;
-        let header = c(crate::COMMON_CUH)?;
-        let header_name = c("common.cuh")?;
-        let headers = [header.as_ptr()];
-        let header_names = [header_name.as_ptr()];
+        let texts = crate::HEADERS
+            .iter()
+            .map(|(_, text)| c(text))
+            .collect::<Result<Vec<CString>>>()?;
+        let names = crate::HEADERS
+            .iter()
+            .map(|(name, _)| c(name))
+            .collect::<Result<Vec<CString>>>()?;
+        let headers: Vec<*const c_char> = texts.iter().map(|t| t.as_ptr()).collect();
+        let header_names: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
         let options = self
             .options(arch)
             .iter()
@@ -134,14 +140,14 @@ impl Nvrtc {
         let option_ptrs: Vec<*const c_char> = options.iter().map(|o| o.as_ptr()).collect();
 
         let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
-        // SAFETY: every pointer is a NUL-terminated string that outlives the call; the header
-        // arrays both have one element, as passed.
+        // SAFETY: every pointer is a NUL-terminated string that outlives the call; the two header
+        // arrays have the length passed.
         check("nvrtcCreateProgram", unsafe {
             sys::nvrtcCreateProgram(
                 &mut prog,
                 src.as_ptr(),
                 name.as_ptr(),
-                1,
+                headers.len() as i32,
                 headers.as_ptr(),
                 header_names.as_ptr(),
             )
