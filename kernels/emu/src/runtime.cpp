@@ -35,6 +35,7 @@ constexpr size_t STACK_BYTES = 256 << 10;  // per fiber; MAP_NORESERVE, only tou
 constexpr int MAX_THREADS = 1024;
 constexpr int EXCHANGE = 1000;  // collective kind of the fragment exchange (not in abi.h)
 constexpr int GROUP_EXCHANGE = 1001;
+constexpr size_t SHARED_WINDOW = 256 << 10;  // more than any device's shared memory per block
 constexpr long SPIN_LIMIT = 50'000'000;  // passes in which only yields happened: a hung spin-wait
 
 enum State { RUNNABLE, AT_BARRIER, AT_COLLECTIVE, EXITED };
@@ -81,8 +82,8 @@ struct Worker {
     sigjmp_buf jmp;
     bool in_block = false;
     Fault fault;
-    char* dyn = nullptr;  // dynamic shared memory, guard page after it
-    size_t dyn_cap = 0;
+    char* dyn = nullptr;  // dynamic shared memory: the base of a 256 KiB-aligned window
+    size_t dyn_cap = 0;   // bytes of it accessible now
     std::vector<int> order;
     uint64_t rng = 1;
     bool yielded = false;
@@ -509,8 +510,7 @@ void on_fault(int sig, siginfo_t* info, void* uctx) {
                      "at 0x%lx",
                      (unsigned long)addr, (unsigned long)(a.base - addr), a.bytes,
                      (unsigned long)a.base);
-    } else if (w->dyn && addr >= (uintptr_t)w->dyn && addr < (uintptr_t)w->dyn + w->dyn_cap +
-                                                                  (size_t)sysconf(_SC_PAGESIZE)) {
+    } else if (w->dyn && addr >= (uintptr_t)w->dyn && addr < (uintptr_t)w->dyn + SHARED_WINDOW) {
         snprintf(buf, sizeof buf,
                  ": out-of-bounds access at 0x%lx past the end of the block's %zu bytes of dynamic "
                  "shared memory",
@@ -679,12 +679,20 @@ void setup_worker(Worker* w, const Launch& l) {
     for (int i = 0; i < w->nthreads; ++i) w->order[i] = i;
     if (l.order == ORDER_REVERSE) std::reverse(w->order.begin(), w->order.end());
     const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    if (!w->dyn) {
+        // The shared window: 256 KiB, aligned to its size, so that a 32-bit shared address (a
+        // wgmma descriptor's 18-bit start, __cvta_generic_to_shared) is an offset from its base.
+        char* m = static_cast<char*>(mmap(nullptr, 2 * SHARED_WINDOW, PROT_NONE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+        w->dyn = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(m) + SHARED_WINDOW - 1) &
+                                         ~(uintptr_t)(SHARED_WINDOW - 1));
+        w->dyn_cap = 0;
+    }
+    // Only the launch's bytes (in whole pages) are accessible: past them is a guard.
     const size_t need = (l.dyn_smem + pg - 1) / pg * pg;
-    if (need > w->dyn_cap) {
-        if (w->dyn) munmap(w->dyn, w->dyn_cap + pg);
-        w->dyn = static_cast<char*>(mmap(nullptr, need + pg, PROT_READ | PROT_WRITE,
-                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-        mprotect(w->dyn + need, pg, PROT_NONE);
+    if (need != w->dyn_cap) {
+        mprotect(w->dyn, SHARED_WINDOW, PROT_NONE);
+        if (need) mprotect(w->dyn, need, PROT_READ | PROT_WRITE);
         w->dyn_cap = need;
     }
 }

@@ -30,7 +30,10 @@ struct EmuThread {
     unsigned int linear;  // threadIdx.x + blockDim.x·(threadIdx.y + blockDim.y·threadIdx.z)
     unsigned int lane;    // linear % 32
     unsigned int warp;    // linear / 32
-    void* dyn_smem;       // this block's dynamic shared memory (extern __shared__)
+    // This block's dynamic shared memory (extern __shared__): the base of a 256 KiB-aligned
+    // window, so a 32-bit shared-space address (__cvta_generic_to_shared, a wgmma descriptor's
+    // start field) is the offset from it. Static __shared__ arrays live elsewhere (TLS).
+    void* dyn_smem;
     size_t dyn_smem_bytes;
 };
 
