@@ -163,10 +163,21 @@ fn run(args: &RunArgs) -> Result<()> {
         DeviceArg::Cuda => Device::Cuda,
         DeviceArg::Cpu => Device::Cpu,
     });
-    let (device, note) =
-        Device::select(requested, kontext_kernels::cuda_available).context("--device cuda")?;
+    // The GPU found is named (an emulated one says so: scripts/emulated), so that a run can
+    // never be mistaken for one on other hardware.
+    let mut gpu = None;
+    let (device, note) = Device::select(requested, || {
+        let info = kontext_kernels::cuda_available();
+        gpu = info.as_ref().ok().map(|i| i.to_string());
+        info
+    })
+    .context("--device cuda")?;
     if let Some(note) = note {
         eprintln!("note: {note}");
+    }
+    let gpu = gpu.filter(|_| device == Device::Cuda);
+    if let Some(gpu) = &gpu {
+        eprintln!("note: running on {gpu}");
     }
     let context = args.image.as_deref().map(RgbImage::open).transpose()?;
     let noise = match (&args.noise, args.seed) {
@@ -259,6 +270,7 @@ fn run(args: &RunArgs) -> Result<()> {
             "steps": opts.steps,
             "guidance": opts.guidance,
             "device": device.name(),
+            "gpu": gpu,
             "notes": out.notes,
             "seconds": timings,
         });

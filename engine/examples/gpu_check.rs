@@ -297,6 +297,20 @@ impl Check {
         }
     }
 
+    /// A passing row that is a statement, not a comparison.
+    fn note(&mut self, section: &'static str, name: &str, what: String) {
+        self.push(Row {
+            section,
+            name: name.to_string(),
+            shape: String::new(),
+            cmp: None,
+            ok: true,
+            note: what,
+            ms: None,
+            rate: String::new(),
+        });
+    }
+
     fn fail(&mut self, section: &'static str, name: &str, why: String) {
         self.push(Row {
             section,
@@ -1251,6 +1265,9 @@ fn ck_transformer_fixture(c: &mut Check, name: &str) -> R<()> {
         guidance: g("guidance")?[0],
         y: g("pooled")?,
     };
+    // Device bytes the weights took: the fp8 file's must be the bf16 file's less one byte per
+    // fp8 element (plus at most a few bytes of scales per weight): fp8 stays one byte on the GPU.
+    let mut uploaded: Vec<(u64, usize, usize)> = Vec::new(); // (bytes, fp8 elements, fp8 weights)
     for file in ["bfl.safetensors", "bfl_fp8_scaled.safetensors"] {
         let tr = load_transformer(
             &dir.join(file),
@@ -1258,7 +1275,17 @@ fn ck_transformer_fixture(c: &mut Check, name: &str) -> R<()> {
                 axes_dim: Some(axes.clone()),
             },
         )?;
+        let before = c.gpu.as_ref().map_or(0, |g| g.allocated_bytes());
         let on_gpu = Flux::from_transformer(c.cuda.clone(), &tr)?;
+        let after = c.gpu.as_ref().map_or(0, |g| g.allocated_bytes());
+        let fp8_weights: Vec<usize> = tr
+            .weights
+            .weights
+            .values()
+            .filter(|w| w.dtype.size_bytes() == 1)
+            .map(|w| w.numel())
+            .collect();
+        uploaded.push((after - before, fp8_weights.iter().sum(), fp8_weights.len()));
         let fp8 = on_gpu.double_blocks[0].img_attn.qkv.fp8;
         let got = on_gpu.forward(&inp, None)?;
         let want = Flux::from_transformer(CpuBackend, &tr)?.forward(&inp, None)?;
@@ -1270,6 +1297,24 @@ fn ck_transformer_fixture(c: &mut Check, name: &str) -> R<()> {
                 &label,
                 "fp8 weights did not stay fp8 on the GPU".into(),
             );
+        }
+    }
+    if let [(bf16_bytes, _, _), (fp8_bytes, elems, count)] = uploaded[..] {
+        if c.gpu.is_some() {
+            let saved = bf16_bytes as i64 - fp8_bytes as i64;
+            let label = format!("transformer {name} fp8 bytes");
+            // Per fp8 weight: its scales (one f32 per part, at most 3 parts) may be uploaded.
+            let ok =
+                elems > 0 && saved <= elems as i64 && saved >= elems as i64 - 16 * count as i64;
+            let note = format!(
+                "weights {fp8_bytes} B on the device, {bf16_bytes} B as bf16: {saved} B saved \
+                 for {elems} fp8 elements in {count} weights (1 byte each, not 2)"
+            );
+            if ok {
+                c.note("model", &label, note);
+            } else {
+                c.fail("model", &label, note);
+            }
         }
     }
     Ok(())

@@ -7,9 +7,9 @@
 //! (`scripts/test` runs exactly that.)
 
 mod emulator {
-    pub mod harness;
     mod detectors;
     mod gemm;
+    pub mod harness;
     mod ptx;
     mod runtime;
 }

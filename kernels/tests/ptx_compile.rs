@@ -118,3 +118,70 @@ fn sm90_instructions_are_refused_for_sm80() {
     assert!(err.contains("mbarrier_arrive_expect_tx"), "{err}");
     assert!(nvrtc.compile(&family, "sm_90a").is_ok());
 }
+
+/// A one-kernel family calling `body` with the header pasted in.
+fn probe_family(name: &'static str, params: &str, body: &str) -> Family {
+    let header: String = PTX_CUH
+        .lines()
+        .filter(|l| l.trim() != "#pragma once")
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let source = format!(
+        "#include \"common.cuh\"\n{header}\nextern \"C\" __global__ void k({params}) {{ {body} }}\n"
+    );
+    Family {
+        name,
+        source: Box::leak(source.into_boxed_str()),
+        kernels: &[],
+    }
+}
+
+/// wgmma exists only on sm_90a (not sm_90, not before); the TMA tensor copies from sm_90 on.
+/// Where an instruction is missing, using it is a compile error naming the function.
+#[test]
+fn hopper_instructions_exist_only_where_the_hardware_has_them() {
+    let Some(nvrtc) = nvrtc_or_skip() else {
+        return;
+    };
+    let wgmma = probe_family(
+        "ptx_wgmma_probe",
+        "float* out",
+        "extern __shared__ __align__(1024) unsigned char s[]; float acc[32] = {}; \
+         wgmma_fence(); unsigned long long d = wgmma_desc(s, 16, 1024, WGMMA_SWIZZLE_128B); \
+         wgmma_m64nNk16_bf16_f32<64>(acc, d, d, 0); wgmma_commit_group(); \
+         wgmma_wait_group<0>(); wgmma_fence_operand(acc); out[threadIdx.x] = acc[0];",
+    );
+    let tma = probe_family(
+        "ptx_tma_probe",
+        "const __grid_constant__ CUtensorMap map, unsigned long long* bar",
+        "extern __shared__ __align__(1024) unsigned char s[]; \
+         cp_async_bulk_tensor_2d_g2s(s, &map, 0, 0, bar);",
+    );
+    let mut failures = Vec::new();
+    for (family, function, archs_with) in [
+        (&wgmma, "wgmma_fence", &["sm_90a"][..]),
+        (
+            &tma,
+            "cp_async_bulk_tensor_2d_g2s",
+            &["sm_90", "sm_90a"][..],
+        ),
+    ] {
+        for arch in ["sm_80", "sm_89", "sm_90", "sm_90a"] {
+            let r = nvrtc.compile(family, arch);
+            match (archs_with.contains(&arch), r) {
+                (true, Ok(c)) if c.log.is_empty() => {}
+                (true, Ok(c)) => failures.push(format!("{function} on {arch} warned:\n{}", c.log)),
+                (true, Err(e)) => failures.push(format!("{function} on {arch} failed:\n{e}")),
+                (false, Ok(_)) => failures.push(format!("{function} compiled for {arch}")),
+                (false, Err(e)) => {
+                    if !e.to_string().contains(function) {
+                        failures.push(format!(
+                            "{function} on {arch}: the error does not name it:\n{e}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

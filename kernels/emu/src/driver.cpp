@@ -282,8 +282,13 @@ API CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
     if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
     if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
     const Settings& s = settings();
-    snprintf(name, (size_t)len, "kontext-emu (emulated GPU, sm_%d%d, %.0f GiB)", s.cc_major,
-             s.cc_minor, (double)s.memory_bytes / (1 << 30));
+    const double gib = (double)s.memory_bytes / (1 << 30);
+    if (gib >= 1.0)
+        snprintf(name, (size_t)len, "kontext-emu (emulated GPU, sm_%d%d, %.0f GiB)", s.cc_major,
+                 s.cc_minor, gib);
+    else
+        snprintf(name, (size_t)len, "kontext-emu (emulated GPU, sm_%d%d, %.0f MiB)", s.cc_major,
+                 s.cc_minor, gib * 1024);
     return CUDA_SUCCESS;
 }
 

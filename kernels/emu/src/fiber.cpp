@@ -2,9 +2,11 @@
 //
 // A block's threads are fibers on one worker thread; they switch at every barrier and warp
 // collective, so the switch is the emulator's hot path. glibc's swapcontext saves and restores the
-// signal mask with a system call (~190 ns a switch, measured); this one saves only what the SysV
-// x86-64 ABI makes callee-saved — rbx, rbp, r12–r15, the MXCSR and the x87 control word — and
-// costs a few nanoseconds.
+// signal mask with a system call (~190 ns a switch, measured); this one saves only the registers
+// the SysV x86-64 ABI makes callee-saved — rbx, rbp, r12–r15 — and costs a few nanoseconds. The
+// MXCSR and x87 control words are callee-saved too, but no fiber changes them (kernels have no
+// way to), so every fiber runs with the worker thread's, and saving them (ldmxcsr serialises)
+// would only cost time.
 #include "emu.h"
 
 #if !defined(__x86_64__)
@@ -23,14 +25,8 @@ emu_switch:
     pushq %r13
     pushq %r14
     pushq %r15
-    subq $8, %rsp
-    stmxcsr (%rsp)
-    fnstcw 4(%rsp)
     movq %rsp, (%rdi)
     movq %rsi, %rsp
-    ldmxcsr (%rsp)
-    fldcw 4(%rsp)
-    addq $8, %rsp
     popq %r15
     popq %r14
     popq %r13
@@ -54,25 +50,20 @@ extern "C" void emu_fiber_start();
 namespace emu {
 
 void* fiber_prepare(char* stack_top, void (*entry)(void*), void* arg) {
-    // The frame emu_switch pops: control words, r15, r14, r13 (arg), r12 (entry), rbx, rbp, and
-    // the return address emu_fiber_start. After the pops rsp = top, 16-byte aligned, so the call
-    // in emu_fiber_start enters `entry` with the ABI's alignment.
+    // The frame emu_switch pops: r15, r14, r13 (arg), r12 (entry), rbx, rbp, and the return
+    // address emu_fiber_start; a pad word below keeps rsp = top after the pops 16-byte aligned,
+    // so the call in emu_fiber_start enters `entry` with the ABI's alignment.
     uintptr_t top = reinterpret_cast<uintptr_t>(stack_top) & ~uintptr_t(15);
     uint64_t* sp = reinterpret_cast<uint64_t*>(top) - 8;
-    uint32_t mxcsr;
-    uint16_t fpucw;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
-    uint64_t cw = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
-    sp[0] = cw;
-    sp[1] = 0;                                          // r15
-    sp[2] = 0;                                          // r14
-    sp[3] = reinterpret_cast<uint64_t>(arg);            // r13
-    sp[4] = reinterpret_cast<uint64_t>(entry);          // r12
-    sp[5] = 0;                                          // rbx
-    sp[6] = 0;                                          // rbp
+    sp[0] = 0;                                             // pad (top − 64 ≡ 0 mod 16)
+    sp[1] = 0;                                             // r15
+    sp[2] = 0;                                             // r14
+    sp[3] = reinterpret_cast<uint64_t>(arg);               // r13
+    sp[4] = reinterpret_cast<uint64_t>(entry);             // r12
+    sp[5] = 0;                                             // rbx
+    sp[6] = 0;                                             // rbp
     sp[7] = reinterpret_cast<uint64_t>(&emu_fiber_start);  // return address
-    return sp;
+    return sp + 1;
 }
 
 }  // namespace emu

@@ -409,6 +409,8 @@ API nvrtcResult nvrtcCompileProgram(void* prog, int num_options, const char* con
                                      "-I" + d,
                                      "-D__CUDA_ARCH__=" + std::to_string(arch * 10),
                                      "-D__CUDACC__EMU=1"};
+    // NVRTC defines the feature macro of an architecture-specific target (sm_90a: wgmma, setmaxnreg).
+    if (specific) argv.push_back("-D__CUDA_ARCH_FEAT_SM" + std::to_string(arch) + "_ALL=1");
     for (const auto& i : includes) argv.push_back("-I" + i);
     for (const auto& df : defines) argv.push_back(df);
     argv.push_back("-o");

@@ -55,7 +55,6 @@ struct Fiber {
     const void* x_mine = nullptr;
     void* x_all = nullptr;
     size_t x_bytes = 0;
-    const char* where = "";  // what it waits at, for the deadlock report
 };
 
 struct Worker;
@@ -159,9 +158,27 @@ void fiber_main(void* arg) {
     __builtin_unreachable();
 }
 
-// Back to the scheduler; returns when this fiber is resumed.
+// The calling fiber waits; returns when it is resumed. Control goes straight to the next
+// runnable lane of the same warp in the launch's order (a warp collective's lanes arrive one
+// after another without a trip through the scheduler: half the switches), else back to the
+// scheduler. Shuffled orders always go through the scheduler, which picks at random.
 void park(Worker* w) {
     Fiber* f = w->cur;
+    const int order = w->launch->order;
+    if (order != ORDER_SHUFFLE) {
+        const int base = (int)f->t.warp * 32;
+        const int n = std::min(32, w->nthreads - base);
+        const int lane = (int)f->t.lane;
+        for (int k = 1; k < n; ++k) {
+            const int l = order == ORDER_FORWARD ? (lane + k) % n : (lane - k + n) % n;
+            Fiber* g = &w->fibers[base + l];
+            if (g->state == RUNNABLE) {
+                w->cur = g;
+                emu_switch(&f->sp, g->sp);
+                return;
+            }
+        }
+    }
     emu_switch(&f->sp, w->sched_sp);
 }
 
@@ -325,7 +342,6 @@ void arrive(Worker* w, int kind, unsigned mask) {
     f->state = AT_COLLECTIVE;
     f->c_kind = kind;
     f->c_mask = mask;
-    f->where = collective_name(kind);
     ws.arrived |= bit;
     if ((ws.arrived & mask) != mask) {
         park(w);
@@ -365,7 +381,6 @@ int rt_barrier(int kind, int pred) {
     f->state = AT_BARRIER;
     f->bar_kind = kind;
     f->bar_pred = pred != 0;
-    f->where = "__syncthreads";
     park(w);
     return f->bar_result;
 }
@@ -412,7 +427,6 @@ void rt_group_exchange(int group, const void* mine, void* all, size_t bytes) {
     f->c_kind = GROUP_EXCHANGE;
     f->c_mask = (unsigned)group;
     f->state = AT_COLLECTIVE;
-    f->where = collective_name(GROUP_EXCHANGE);
     const int n = 32 * group;
     const int first = (int)(f->t.linear / n) * n;
     for (int i = first; i < first + n; ++i) {
@@ -454,10 +468,12 @@ int rt_is_device(const void* p, size_t bytes) {
     return mem_find(reinterpret_cast<uintptr_t>(p), bytes, nullptr) ? 1 : 0;
 }
 
+// A spin-wait gives way to the whole block (the scheduler), not only to its warp: the fiber it
+// waits for may be in another warp.
 void rt_yield() {
     Worker* w = tl_worker;
     w->yielded = true;
-    park(w);
+    emu_switch(&w->cur->sp, w->sched_sp);
 }
 
 const EmuRuntime TABLE = {
@@ -586,8 +602,8 @@ bool release_barrier(Worker* w) {
         if (f.state == AT_BARRIER) ++at_bar;
         if (shown < 6 && f.state == AT_COLLECTIVE) {
             char buf[160];
-            snprintf(buf, sizeof buf, " thread %d waits at %s (mask 0x%08x);", i, f.where,
-                     f.c_mask);
+            snprintf(buf, sizeof buf, " thread %d waits at %s (mask 0x%08x);", i,
+                     collective_name(f.c_kind), f.c_mask);
             s += buf;
             ++shown;
         }

@@ -280,3 +280,199 @@ extern "C" __global__ void mbarrier_misuse(int kind) {
     }
 #endif
 }
+
+// ---- Hopper: wgmma and TMA tensor copies (sm_90a / sm_90) ---------------------------------------
+
+#ifdef PTX_HAS_WGMMA
+// The test's own statement of the K-major canonical layouts (PTX ISA, "Asynchronous Warpgroup
+// Level Matrix Shared Memory Layout"): byte offset of element (row r, column k) of a bf16 operand
+// of `rows` rows and 64 columns, written by rows and chunks rather than by address bits.
+//   span 0: core matrices of 8 rows × 8 columns (16 bytes a row, 128 in all); the core matrices
+//     of one K-block of 8 columns follow each other down the rows (128 bytes apart: SBO), the
+//     K-blocks are rows·16 bytes apart (LBO).
+//   span S = 32/64/128: atoms of 8 rows × S bytes (S/2 columns); the atoms of one K-block of S/2
+//     columns follow each other down the rows (8·S bytes apart: SBO), the K-blocks rows·S bytes
+//     apart. Inside an atom the 16-byte chunk c of row j is stored at chunk c ^ (j / (128 / S)).
+// `swizzled` false lays out the same atoms without the chunk permutation (a mutant).
+__device__ __forceinline__ unsigned kmajor_offset(int r, int k, int rows, int span, bool swizzled) {
+    if (span == 0) return (k / 8) * (rows * 16) + (r / 8) * 128 + (r % 8) * 16 + (k % 8) * 2;
+    const int cols = span / 2, j = r % 8;
+    int chunk = (k % cols) / 8;
+    if (swizzled) chunk ^= j / (128 / span);
+    return (k / cols) * (rows * span) + (r / 8) * (8 * span) + j * span + chunk * 16 + (k % 8) * 2;
+}
+
+// Where K-slice s (columns 16s … 16s + 15) of such an operand starts, and its LBO and SBO.
+__device__ __forceinline__ unsigned kmajor_slice(int s, int rows, int span) {
+    if (span == 0) return 2 * s * (rows * 16);
+    const int cols = span / 2;
+    return (16 * s / cols) * (rows * span) + (16 * s % cols) * 2;
+}
+__device__ __forceinline__ unsigned kmajor_lbo(int rows, int span) { return span ? 16 : rows * 16; }
+__device__ __forceinline__ unsigned kmajor_sbo(int span) { return span ? 8 * span : 128; }
+
+// One warpgroup: D [64][N] = A [64][64] (M×K, row-major) · B [64][N] (K×N, row-major) with four
+// chained m64nNk16 wgmmas. Dynamic shared memory: A's tile (8 KiB), then B's (N × 128 bytes), in
+// the layout of `span`. Mutants: 1 LBO and SBO swapped in the descriptors; 2 the tiles written
+// without the swizzle permutation; 3 SBO halved; 4 the accumulators stored before the wait
+// (emulated GPU only).
+template <int N>
+__device__ __forceinline__ void wgmma_product(unsigned char* hopper_smem, const bf16* A,
+                                              const bf16* B, float* D, int span, int mutant) {
+    unsigned char* sa = hopper_smem;
+    unsigned char* sb = hopper_smem + 64 * 64 * 2;
+    const int tid = threadIdx.x;
+    const bool swizzled = mutant != 2;
+    for (int e = tid; e < 64 * 64; e += 128) {
+        const int r = e / 64, k = e % 64;
+        *reinterpret_cast<bf16*>(sa + kmajor_offset(r, k, 64, span, swizzled)) = A[r * 64 + k];
+    }
+    for (int e = tid; e < N * 64; e += 128) {
+        const int n = e / 64, k = e % 64;
+        *reinterpret_cast<bf16*>(sb + kmajor_offset(n, k, N, span, swizzled)) = B[k * N + n];
+    }
+    fence_proxy_async();
+    __syncthreads();
+    // The descriptors first: branches between the wgmmas would make ptxas fence each one.
+    unsigned long long da[4], db[4];
+    for (int s = 0; s < 4; ++s) {
+        unsigned lbo_a = kmajor_lbo(64, span), lbo_b = kmajor_lbo(N, span);
+        unsigned sbo = kmajor_sbo(span), sbo_a = sbo, sbo_b = sbo;
+        if (mutant == 1) {
+            sbo_a = lbo_a, lbo_a = sbo;
+            sbo_b = lbo_b, lbo_b = sbo;
+        }
+        if (mutant == 3) sbo_a = sbo_b = sbo / 2;
+        da[s] = wgmma_desc(sa + kmajor_slice(s, 64, span), lbo_a, sbo_a, span);
+        db[s] = wgmma_desc(sb + kmajor_slice(s, N, span), lbo_b, sbo_b, span);
+    }
+    float acc[N / 2];
+    for (int i = 0; i < N / 2; ++i) acc[i] = 0.0f;
+    wgmma_fence_operand(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_m64nNk16_bf16_f32<N>(acc, da[s], db[s], s > 0);
+    wgmma_commit_group();
+    const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+    // D fragment: d[4i + j] is row 16w + g + 8·(j / 2), column 8i + 2t + j % 2.
+#ifdef KONTEXT_EMU
+    // (ptxas would mend this bug by waiting first, and say so.)
+    if (mutant == 4)
+        for (int i = 0; i < N / 2; ++i)
+            D[(16 * w + g + 8 * ((i % 4) / 2)) * N + 8 * (i / 4) + 2 * t + i % 2] = acc[i];
+#endif
+    wgmma_wait_group<0>();
+    wgmma_fence_operand(acc);
+    if (mutant != 4)
+        for (int i = 0; i < N / 2; ++i)
+            D[(16 * w + g + 8 * ((i % 4) / 2)) * N + 8 * (i / 4) + 2 * t + i % 2] = acc[i];
+}
+#endif
+
+extern "C" __global__ void wgmma_m64n64(const bf16* A, const bf16* B, float* D, int span, int mutant) {
+#ifdef PTX_HAS_WGMMA
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    wgmma_product<64>(hopper_smem, A, B, D, span, mutant);
+#else
+    (void)A, (void)B, (void)D, (void)span, (void)mutant;
+#endif
+}
+
+extern "C" __global__ void wgmma_m64n128(const bf16* A, const bf16* B, float* D, int span, int mutant) {
+#ifdef PTX_HAS_WGMMA
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    wgmma_product<128>(hopper_smem, A, B, D, span, mutant);
+#else
+    (void)A, (void)B, (void)D, (void)span, (void)mutant;
+#endif
+}
+
+extern "C" __global__ void wgmma_m64n256(const bf16* A, const bf16* B, float* D, int span, int mutant) {
+#ifdef PTX_HAS_WGMMA
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    wgmma_product<256>(hopper_smem, A, B, D, span, mutant);
+#else
+    (void)A, (void)B, (void)D, (void)span, (void)mutant;
+#endif
+}
+
+// 128 threads, 4 KiB of dynamic shared memory. kind 0: a descriptor of a static __shared__
+// array; 1: thread 37 issues another B descriptor; 2: no wgmma_fence; 3: A's SBO points the rows
+// past the end of dynamic shared memory.
+extern "C" __global__ void wgmma_misuse(int kind) {
+#ifdef PTX_HAS_WGMMA
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    __shared__ __align__(1024) unsigned char static_tile[2048];
+    const int tid = threadIdx.x;
+    for (int i = tid; i < 4096; i += 128) hopper_smem[i] = 0;
+    for (int i = tid; i < 2048; i += 128) static_tile[i] = 0;
+    __syncthreads();
+    unsigned long long da = 0, db = wgmma_desc(hopper_smem + 2048, 256, 128, WGMMA_SWIZZLE_NONE);
+    if (kind == 0) da = wgmma_desc(static_tile, 1024, 128, WGMMA_SWIZZLE_NONE);
+    else if (kind == 3) da = wgmma_desc(hopper_smem, 128, 1024, WGMMA_SWIZZLE_NONE);
+    else da = wgmma_desc(hopper_smem, 1024, 128, WGMMA_SWIZZLE_NONE);
+    if (kind == 1 && tid == 37) db = wgmma_desc(hopper_smem + 1024, 256, 128, WGMMA_SWIZZLE_NONE);
+    float acc[32];
+    for (int i = 0; i < 32; ++i) acc[i] = 0.0f;
+    wgmma_fence_operand(acc);
+#ifdef KONTEXT_EMU
+    if (kind != 2) wgmma_fence();
+#else
+    wgmma_fence();  // (ptxas would add the missing one, and say so)
+#endif
+    wgmma_m64nNk16_bf16_f32<64>(acc, da, db, 0);
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+#else
+    (void)kind;
+#endif
+}
+
+// One block: thread 0 copies the box at (x, y) of the map into dynamic shared memory with the
+// TMA; every thread waits on the mbarrier, then the box's `bytes` shared bytes go to out as they
+// lie. kind 1: the destination is a static __shared__ array; kind 2: a 3d copy of the 2d map.
+extern "C" __global__ void tma_2d(const __grid_constant__ CUtensorMap map, unsigned char* out,
+                                  int x, int y, unsigned bytes, int kind) {
+#ifdef PTX_TEST_SM90
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    __shared__ __align__(8) unsigned long long bar;
+    __shared__ __align__(1024) unsigned char static_tile[1024];
+    if (threadIdx.x == 0) {
+        mbarrier_init(&bar, 1);
+        fence_mbarrier_init();
+        prefetch_tensormap(&map);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_tx(&bar, bytes);
+        if (kind == 0) cp_async_bulk_tensor_2d_g2s(hopper_smem, &map, x, y, &bar);
+        if (kind == 1) cp_async_bulk_tensor_2d_g2s(static_tile, &map, x, y, &bar);
+        if (kind == 2) cp_async_bulk_tensor_3d_g2s(hopper_smem, &map, x, y, 0, &bar);
+    }
+    mbarrier_wait_parity(&bar, 0);
+    for (unsigned i = threadIdx.x; i < bytes; i += blockDim.x) out[i] = hopper_smem[i];
+#else
+    (void)map, (void)out, (void)x, (void)y, (void)bytes, (void)kind;
+#endif
+}
+
+// The tensor map read from global memory (after fence_proxy_tensormap) rather than a parameter,
+// with the 1d copy: `count` elements from element x of a 1d map into out.
+extern "C" __global__ void tma_1d(const CUtensorMap* map, unsigned char* out, int x, unsigned bytes) {
+#ifdef PTX_TEST_SM90
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    __shared__ __align__(8) unsigned long long bar;
+    if (threadIdx.x == 0) {
+        mbarrier_init(&bar, 1);
+        fence_mbarrier_init();
+        fence_proxy_tensormap(map);
+        mbarrier_arrive_expect_tx(&bar, bytes);
+        cp_async_bulk_tensor_1d_g2s(hopper_smem, map, x, &bar);
+    }
+    __syncthreads();
+    mbarrier_wait_parity(&bar, 0);
+    for (unsigned i = threadIdx.x; i < bytes; i += blockDim.x) out[i] = hopper_smem[i];
+#else
+    (void)map, (void)out, (void)x, (void)bytes;
+#endif
+}

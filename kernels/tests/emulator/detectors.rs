@@ -34,7 +34,10 @@ fn expect_fault(r: Result<(), cudarc::driver::DriverError>, what: &[&str]) -> St
     let msg = control::last_error();
     control::clear_fault();
     for w in what {
-        assert!(msg.contains(w), "expected {w:?} in the emulator's report, got: {msg} ({e:?})");
+        assert!(
+            msg.contains(w),
+            "expected {w:?} in the emulator's report, got: {msg} ({e:?})"
+        );
     }
     msg
 }
@@ -42,7 +45,10 @@ fn expect_fault(r: Result<(), cudarc::driver::DriverError>, what: &[&str]) -> St
 // ---- silu (elementwise.cu): bounds ------------------------------------------------------------
 
 /// Runs elementwise.cu's `silu` (possibly mutated) over `[1, cols]`, x and y allocated exactly.
-fn silu(source: &str, cols: usize) -> (Result<(), cudarc::driver::DriverError>, Vec<f32>, Vec<f32>) {
+fn silu(
+    source: &str,
+    cols: usize,
+) -> (Result<(), cudarc::driver::DriverError>, Vec<f32>, Vec<f32>) {
     let m = compile("elementwise.cu", source).expect("compiles");
     let f = function(&m, "silu");
     let xs: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
@@ -57,9 +63,16 @@ fn silu(source: &str, cols: usize) -> (Result<(), cudarc::driver::DriverError>, 
     };
     let mut p: Vec<*mut c_void> = vec![arg(&xp), arg(&ld), arg(&yp), arg(&ld), arg(&rows), arg(&n)];
     let r = run(&f, cfg, &mut p);
-    let want: Vec<f32> = f32s(&bf16s(&xs)).iter().map(|&v| v / (1.0 + (-v).exp())).collect();
+    let want: Vec<f32> = f32s(&bf16s(&xs))
+        .iter()
+        .map(|&v| v / (1.0 + (-v).exp()))
+        .collect();
     // After a fault the context is unusable until the test clears it: read only after success.
-    let got = if r.is_ok() { f32s(&read::<u16>(&y)) } else { Vec::new() };
+    let got = if r.is_ok() {
+        f32s(&read::<u16>(&y))
+    } else {
+        Vec::new()
+    };
     (r, got, want)
 }
 
@@ -78,7 +91,14 @@ fn out_of_bounds_read_past_an_allocation_is_stopped_and_named() {
         assert!((a - b).abs() <= 1e-2 * b.abs().max(1.0), "silu {a} vs {b}");
     }
     let (r, _, _) = silu(&mutate(src, SILU_BOUND, SILU_BOUND_OFF_BY_ONE), 256);
-    let msg = expect_fault(r, &["silu", "past the end of the 512-byte allocation", "block (0,0,0)"]);
+    let msg = expect_fault(
+        r,
+        &[
+            "silu",
+            "past the end of the 512-byte allocation",
+            "block (0,0,0)",
+        ],
+    );
     eprintln!("caught: {msg}");
 }
 
@@ -100,10 +120,16 @@ fn out_of_bounds_write_into_the_slack_is_found_by_the_canary() {
 
 /// rms_norm over `[rows, cols]` from `source`; the launch verdict and the max error against the
 /// f64 reference (NaN when the output holds NaN).
-fn rms_norm(source: &str, rows: usize, cols: usize) -> (Result<(), cudarc::driver::DriverError>, f64) {
+fn rms_norm(
+    source: &str,
+    rows: usize,
+    cols: usize,
+) -> (Result<(), cudarc::driver::DriverError>, f64) {
     let m = compile("norm_modulate.cu", source).expect("compiles");
     let f = function(&m, "rms_norm");
-    let xs: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let xs: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
     let ws: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 7) as f32 / 7.0).collect();
     let x = buffer(&bf16s(&xs));
     let w = buffer(&ws);
@@ -140,7 +166,11 @@ fn rms_norm(source: &str, rows: usize, cols: usize) -> (Result<(), cudarc::drive
         for c in 0..cols {
             let want = ws[c] as f64 * row[c] as f64 * inv;
             let err = (y[r * cols + c] as f64 - want).abs() / want.abs().max(1e-3);
-            worst = if err.is_nan() { f64::NAN } else { worst.max(err) };
+            worst = if err.is_nan() {
+                f64::NAN
+            } else {
+                worst.max(err)
+            };
             if worst.is_nan() {
                 return (res, worst);
             }
@@ -157,8 +187,13 @@ fn caught(r: (Result<(), cudarc::driver::DriverError>, f64)) -> String {
             control::clear_fault();
             format!("launch refused: {msg} ({e:?})")
         }
-        Ok(()) if !(r.1 <= 1e-2) => format!("result off: max relative error {:.3e}", r.1),
-        Ok(()) => panic!("the mutant passed the check (max relative error {:.3e})", r.1),
+        Ok(()) if r.1.is_nan() || r.1 > 1e-2 => {
+            format!("result off: max relative error {:.3e}", r.1)
+        }
+        Ok(()) => panic!(
+            "the mutant passed the check (max relative error {:.3e})",
+            r.1
+        ),
     }
 }
 
@@ -244,7 +279,8 @@ fn a_barrier_some_threads_skip_is_an_error_not_a_hang() {
     );
     let verdict = caught(rms_norm(&src, 3, 300));
     assert!(
-        verdict.contains("rms_norm") && verdict.contains("__syncthreads not reached by every thread"),
+        verdict.contains("rms_norm")
+            && verdict.contains("__syncthreads not reached by every thread"),
         "{verdict}"
     );
     eprintln!("{verdict}");
@@ -261,7 +297,10 @@ fn a_collective_waiting_for_an_exited_lane_is_an_error() {
         "    __shared__ float scratch[32];\n    if (threadIdx.x == 37) return;\n",
     );
     let verdict = caught(rms_norm(&src, 3, 300));
-    assert!(verdict.contains("rms_norm") && verdict.contains("exited"), "{verdict}");
+    assert!(
+        verdict.contains("rms_norm") && verdict.contains("exited"),
+        "{verdict}"
+    );
 }
 
 // ---- attention.cu: misaligned vector access ---------------------------------------------------
@@ -275,7 +314,14 @@ fn attention(source: &str) -> Result<(), cudarc::driver::DriverError> {
     let out = poisoned::<u16>(l * d);
     let (qp, op) = (qkv.ptr(), out.ptr());
     let null = 0u64;
-    let (ld, l32, h32, dh32, ldo, ldb) = ((3 * d) as i64, l as i32, heads as i32, dh as i32, d as i64, 0i64);
+    let (ld, l32, h32, dh32, ldo, ldb) = (
+        (3 * d) as i64,
+        l as i32,
+        heads as i32,
+        dh as i32,
+        d as i64,
+        0i64,
+    );
     let (scale, causal) = (0.25f32, 0i32);
     let cfg = LaunchConfig {
         grid_dim: (l.div_ceil(16) as u32, heads as u32, 1),
@@ -305,7 +351,11 @@ fn a_misaligned_vector_load_faults_as_on_a_gpu() {
     let src = family("attention");
     attention(src).expect("the unmutated kernel runs");
     // The score loop's bf16x2 loads from shared memory, started one element off.
-    let mutant = mutate(src, "for (int d = 0; d < head_dim; d += 2) {", "for (int d = 1; d < head_dim; d += 2) {");
+    let mutant = mutate(
+        src,
+        "for (int d = 0; d < head_dim; d += 2) {",
+        "for (int d = 1; d < head_dim; d += 2) {",
+    );
     let msg = expect_fault(attention(&mutant), &["attention", "misaligned"]);
     eprintln!("caught: {msg}");
 }

@@ -4,10 +4,10 @@
 #![allow(dead_code)] // each test file uses its part
 
 use cudarc::driver::{CudaFunction, CudaModule, DriverError, LaunchConfig};
-use std::ffi::c_void;
 use cudarc::nvrtc::Ptx;
 use kontext_kernels::nvrtc::Nvrtc;
 use kontext_kernels::{Family, Gpu};
+use std::ffi::c_void;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// The emulated GPU, shared by the tests of this binary. Panics with the way to run the tests
@@ -22,7 +22,11 @@ pub fn gpu() -> Arc<Gpu> {
              kontext-kernels --test emulator -- --ignored"
         );
         let gpu = Gpu::new(0).expect("the emulated GPU opens");
-        assert!(gpu.info.name.contains("emulated"), "not the emulated GPU: {}", gpu.info.name);
+        assert!(
+            gpu.info.name.contains("emulated"),
+            "not the emulated GPU: {}",
+            gpu.info.name
+        );
         gpu
     });
     let gpu = GPU.get().expect("initialised above").clone();
@@ -58,7 +62,8 @@ pub fn compile(name: &'static str, source: &str) -> Result<Arc<CudaModule>, Stri
 
 /// Kernel `name` of a module.
 pub fn function(m: &Arc<CudaModule>, name: &str) -> CudaFunction {
-    m.load_function(name).unwrap_or_else(|e| panic!("{name}: {e:?}"))
+    m.load_function(name)
+        .unwrap_or_else(|e| panic!("{name}: {e:?}"))
 }
 
 /// A 1-D launch configuration.
@@ -85,7 +90,11 @@ pub fn download<T: cudarc::driver::DeviceRepr + Clone + Default + Unpin>(
 
 /// Launches `f` with raw device addresses and scalars (cuLaunchKernel's parameter array, built
 /// by the caller as `&mut [*mut c_void]`) and synchronises: the driver's verdict.
-pub fn run(f: &CudaFunction, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<(), DriverError> {
+pub fn run(
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+) -> Result<(), DriverError> {
     let gpu = gpu();
     // SAFETY: test kernels on the emulated GPU, parameters laid out by the caller for the kernel's
     // signature; a kernel that strays is what the tests look for, and the emulator stops it
@@ -111,7 +120,9 @@ pub fn arg<T>(v: &T) -> *mut c_void {
 /// A device allocation of exactly `data`'s size holding `data` (freed on drop): kernels that
 /// stray one element past it hit the emulator's guard page or canary.
 pub fn buffer<T: Copy>(data: &[T]) -> Arc<kontext_kernels::gpu::DeviceAlloc> {
-    let a = gpu().alloc(std::mem::size_of_val(data)).expect("cuMemAlloc");
+    let a = gpu()
+        .alloc(std::mem::size_of_val(data))
+        .expect("cuMemAlloc");
     // SAFETY: the allocation holds exactly `data`'s bytes.
     unsafe { cudarc::driver::result::memcpy_htod_sync(a.ptr(), data) }.expect("cuMemcpyHtoD");
     a
@@ -162,8 +173,9 @@ pub mod control {
         let mut buf = vec![0u8; 4096];
         // SAFETY: the symbol has this signature (driver.cpp) and writes at most `len` bytes.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn(*mut c_char, usize) -> usize> =
-                lib().get(b"kontext_emu_last_error").expect("kontext_emu_last_error");
+            let f: libloading::Symbol<unsafe extern "C" fn(*mut c_char, usize) -> usize> = lib()
+                .get(b"kontext_emu_last_error")
+                .expect("kontext_emu_last_error");
             f(buf.as_mut_ptr() as *mut c_char, buf.len());
         }
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
@@ -174,8 +186,9 @@ pub mod control {
     pub fn clear_fault() {
         // SAFETY: no arguments; resets the emulator's sticky error.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn()> =
-                lib().get(b"kontext_emu_clear_fault").expect("kontext_emu_clear_fault");
+            let f: libloading::Symbol<unsafe extern "C" fn()> = lib()
+                .get(b"kontext_emu_clear_fault")
+                .expect("kontext_emu_clear_fault");
             f();
         }
     }
@@ -184,8 +197,9 @@ pub mod control {
     pub fn set_order(order: i32, seed: u64) {
         // SAFETY: plain values.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn(i32, u64)> =
-                lib().get(b"kontext_emu_set_order").expect("kontext_emu_set_order");
+            let f: libloading::Symbol<unsafe extern "C" fn(i32, u64)> = lib()
+                .get(b"kontext_emu_set_order")
+                .expect("kontext_emu_set_order");
             f(order, seed);
         }
     }
@@ -193,8 +207,9 @@ pub mod control {
     pub fn set_racecheck(on: i32) {
         // SAFETY: a plain value.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn(i32)> =
-                lib().get(b"kontext_emu_set_racecheck").expect("kontext_emu_set_racecheck");
+            let f: libloading::Symbol<unsafe extern "C" fn(i32)> = lib()
+                .get(b"kontext_emu_set_racecheck")
+                .expect("kontext_emu_set_racecheck");
             f(on);
         }
     }
@@ -204,8 +219,9 @@ pub mod control {
         let c = std::ffi::CString::new(name).expect("no NUL");
         // SAFETY: a NUL-terminated name.
         unsafe {
-            let f: libloading::Symbol<unsafe extern "C" fn(*const c_char) -> u64> =
-                lib().get(b"kontext_emu_launches").expect("kontext_emu_launches");
+            let f: libloading::Symbol<unsafe extern "C" fn(*const c_char) -> u64> = lib()
+                .get(b"kontext_emu_launches")
+                .expect("kontext_emu_launches");
             f(c.as_ptr())
         }
     }
@@ -223,4 +239,3 @@ pub fn random(n: usize, seed: u64) -> Vec<f32> {
         })
         .collect()
 }
-

@@ -3,10 +3,14 @@
 //! here the results are compared with CPU products (f64) or the documented lane mapping, and a
 //! deliberately wrong fill is shown to be caught.
 
-use super::harness::{compile, dims, download, function, gpu, random, serial, upload};
-use cudarc::driver::{CudaModule, PushKernelArg};
+use super::harness::{
+    arg, buffer, compile, dims, download, function, gpu, poisoned, random, read, run, serial,
+    upload,
+};
+use cudarc::driver::{sys, CudaModule, LaunchConfig, PushKernelArg};
 use half::bf16;
 use kontext_loader::dtype::E4M3_TO_F32;
+use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
 const PTX_CUH: &str = include_str!("../../cuda/ptx.cuh");
@@ -482,4 +486,617 @@ fn misuse_of_the_twins_fails_the_launch() {
     let f = function(&m, "mbarrier_phases");
     let mut out = upload(&vec![0u32; 4 * 64 * 5]);
     launch!(&f, dims(1, 64), &mut out).expect("a correct kernel after the faults");
+}
+
+// ---- Hopper: wgmma and TMA tensor copies -------------------------------------------------------
+
+/// A launch of `threads` threads in one block with `smem` bytes of dynamic shared memory.
+fn block(threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// Runs wgmma_m64n{n} on A [64][64] and B [64][n] (bf16, fresh random), the tiles laid out for
+/// swizzle span `span` (0, 32, 64, 128): the outputs and the normalised error against f64.
+fn wgmma(n: usize, span: i32, mutant: i32, seed: u64) -> (Vec<f32>, f64, usize) {
+    let m = module();
+    let f = function(&m, &format!("wgmma_m64n{n}"));
+    let (a_bits, a) = bf16_round(&random(64 * 64, seed));
+    let (b_bits, b) = bf16_round(&random(64 * n, seed + 1));
+    let (da, db) = (upload(&a_bits), upload(&b_bits));
+    let mut dd = upload(&vec![1234.5f32; 64 * n]);
+    // The tiles, and for the mutants room to misread into (poisoned: NaN) rather than past the
+    // end, which the twin would refuse. Past 48 KiB a kernel opts in, as on a GPU.
+    let smem = if mutant == 0 {
+        (64 * 64 * 2 + n * 64 * 2) as u32
+    } else {
+        96 << 10
+    };
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        96 << 10,
+    )
+    .expect("cuFuncSetAttribute");
+    launch!(&f, block(128, smem), &da, &db, &mut dd, &span, &mutant).unwrap_or_else(|e| {
+        panic!(
+            "wgmma_m64n{n} ({span}, mutant {mutant}): {e:?}: {}",
+            emu_fault()
+        )
+    });
+    let got = download(&dd);
+    let (want, scale) = matmul(&a, &b, &vec![0.0; 64 * n], 64, 64, n);
+    let (e, at) = worst(&got, &want, &scale);
+    (got, e, at)
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn wgmma_m64nnk16_bf16_matches_a_cpu_product() {
+    let _s = serial();
+    if !has_cc(9, 0, "wgmma") {
+        return;
+    }
+    let mut seed = 51;
+    for n in [64, 128, 256] {
+        for span in [0, 32, 64, 128] {
+            let (_, e, at) = wgmma(n, span, 0, seed);
+            seed += 2;
+            eprintln!(
+                "wgmma m64n{n}k16 × 4 (K = 64), {}: max normalised error {e:.2e} at {at}",
+                if span == 0 {
+                    "no swizzle".to_string()
+                } else {
+                    format!("{span}B swizzle")
+                }
+            );
+            assert!(
+                e <= MMA_TOL,
+                "m64n{n}, swizzle {span}: error {e:.3e} at {at}"
+            );
+        }
+    }
+}
+
+/// The test can fail: a wrong descriptor or layout gives a wrong product, and accumulators read
+/// before wgmma_wait_group are NaN.
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn wgmma_with_a_wrong_layout_mismatches() {
+    let _s = serial();
+    if !has_cc(9, 0, "wgmma") {
+        return;
+    }
+    for (n, span, mutant, what) in [
+        (64, 0, 1, "LBO and SBO swapped"),
+        (128, 0, 1, "LBO and SBO swapped"),
+        (64, 128, 2, "tiles written without the 128B swizzle"),
+        (256, 64, 2, "tiles written without the 64B swizzle"),
+        (64, 32, 2, "tiles written without the 32B swizzle"),
+        (128, 128, 3, "SBO halved (128B swizzle)"),
+        (64, 0, 3, "SBO halved (no swizzle)"),
+    ] {
+        let (_, e, at) = wgmma(n, span, mutant, 71);
+        eprintln!("m64n{n}, swizzle {span}, mutant {mutant} ({what}): max normalised error {e:.2e} at {at}");
+        assert!(
+            e > MUTANT_MIN,
+            "mutant {mutant} ({what}) was not caught: error {e:.3e}"
+        );
+    }
+    let (got, _, _) = wgmma(64, 128, 4, 73);
+    let nan = got.iter().filter(|x| x.is_nan()).count();
+    eprintln!(
+        "accumulators stored before the wait: {nan} of {} NaN",
+        got.len()
+    );
+    assert_eq!(
+        nan,
+        got.len(),
+        "a read before wgmma_wait_group must see NaN"
+    );
+}
+
+/// A CUtensorMap of a row-major [rows][cols] bf16 matrix at `ptr` with `stride` bytes a row.
+#[allow(clippy::too_many_arguments)]
+fn encode_2d(
+    ptr: u64,
+    cols: u64,
+    rows: u64,
+    stride: u64,
+    bx: [u32; 2],
+    swizzle: sys::CUtensorMapSwizzle,
+    oob: sys::CUtensorMapFloatOOBfill,
+) -> (sys::CUresult, sys::CUtensorMap) {
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dims = [cols, rows];
+    let strides = [stride];
+    let es = [1u32, 1];
+    // SAFETY: every array has the rank's length (strides rank − 1); the map is 128 bytes, aligned.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            bx.as_ptr(),
+            es.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+            oob,
+        )
+    };
+    (r, map)
+}
+
+/// The bf16 value the host expects at shared byte offset `o` of a TMA box: the documented swizzle
+/// undone by rows and chunks (span S: in row j of S bytes, stored chunk c holds logical chunk
+/// c ^ (j % 8) / (128 / S)), then the element of the matrix or the out-of-bounds fill.
+fn expected_box_element(
+    o: usize,
+    span: usize,
+    box_cols: usize,
+    at: (i64, i64),
+    matrix: &[u16],
+    (rows, cols): (usize, usize),
+) -> Option<u16> {
+    let row_bytes = box_cols * 2;
+    let (j, in_row) = (o / row_bytes, o % row_bytes);
+    // Rows per step of the chunk permutation: 1, 2, 4 for spans of 128, 64, 32 bytes.
+    let logical = match 128usize.checked_div(span) {
+        None => in_row,
+        Some(rows_per_step) => ((in_row / 16) ^ ((j % 8) / rows_per_step)) * 16 + in_row % 16,
+    };
+    let (r, c) = (at.1 + j as i64, at.0 + (logical / 2) as i64);
+    if r < 0 || c < 0 || r >= rows as i64 || c >= cols as i64 {
+        None
+    } else {
+        Some(matrix[r as usize * cols + c as usize])
+    }
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn tma_2d_copies_a_box_with_its_swizzle_and_out_of_bounds_fill() {
+    use sys::CUtensorMapFloatOOBfill::*;
+    use sys::CUtensorMapSwizzle::*;
+    let _s = serial();
+    if !has_cc(9, 0, "cp.async.bulk.tensor") {
+        return;
+    }
+    let m = module();
+    let f = function(&m, "tma_2d");
+    // [100][200] bf16, every element distinct and nonzero (zero marks the fill).
+    let (rows, cols) = (100usize, 200usize);
+    let matrix: Vec<u16> = (0..rows * cols).map(|i| (i % 65000 + 1) as u16).collect();
+    let g = buffer(&matrix);
+    let cases = [
+        (
+            CU_TENSOR_MAP_SWIZZLE_128B,
+            128,
+            [64u32, 32],
+            (0i64, 0i64),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_128B,
+            128,
+            [64, 32],
+            (128, 80),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_128B,
+            128,
+            [64, 32],
+            (160, 50),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_128B,
+            128,
+            [64, 32],
+            (-16, -8),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_64B,
+            64,
+            [32, 16],
+            (180, 90),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_32B,
+            32,
+            [16, 24],
+            (8, 3),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_NONE,
+            0,
+            [24, 8],
+            (184, 96),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        ),
+        (
+            CU_TENSOR_MAP_SWIZZLE_128B,
+            128,
+            [64, 32],
+            (150, 90),
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA,
+        ),
+    ];
+    for (swizzle, span, bx, at, oob) in cases {
+        let (r, map) = encode_2d(
+            g.ptr(),
+            cols as u64,
+            rows as u64,
+            2 * cols as u64,
+            bx,
+            swizzle,
+            oob,
+        );
+        assert_eq!(
+            r,
+            sys::CUresult::CUDA_SUCCESS,
+            "cuTensorMapEncodeTiled {bx:?} {swizzle:?}"
+        );
+        let bytes = bx[0] * 2 * bx[1];
+        let out = poisoned::<u8>(bytes as usize);
+        let (op, x, y, kind) = (out.ptr(), at.0 as i32, at.1 as i32, 0i32);
+        let mut p = vec![
+            arg(&map),
+            arg(&op),
+            arg(&x),
+            arg(&y),
+            arg(&bytes),
+            arg(&kind),
+        ];
+        run(&f, block(32, 4096), &mut p).expect("tma_2d runs");
+        let got: Vec<u16> = read::<u8>(&out)
+            .chunks(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let (mut bad, mut filled) = (Vec::new(), 0);
+        for (i, &v) in got.iter().enumerate() {
+            let want = expected_box_element(2 * i, span, bx[0] as usize, at, &matrix, (rows, cols));
+            let ok = match (want, oob) {
+                (Some(w), _) => v == w,
+                (None, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) => v == 0,
+                // bf16 NaN: exponent all ones, mantissa nonzero.
+                (None, _) => v & 0x7F80 == 0x7F80 && v & 0x7F != 0,
+            };
+            filled += want.is_none() as usize;
+            if !ok {
+                bad.push(format!("shared element {i}: got {v:#06x}, want {want:?}"));
+            }
+        }
+        eprintln!(
+            "TMA 2d box {bx:?} at {at:?}, {swizzle:?}, {oob:?}: {} elements, {filled} filled, {} mismatches",
+            got.len(),
+            bad.len()
+        );
+        assert!(bad.is_empty(), "{}", bad[..bad.len().min(12)].join("\n"));
+    }
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn tma_1d_with_the_map_in_global_memory() {
+    let _s = serial();
+    if !has_cc(9, 0, "cp.async.bulk.tensor") {
+        return;
+    }
+    let m = module();
+    let f = function(&m, "tma_1d");
+    let v: Vec<f32> = (0..1000).map(|i| i as f32 + 0.5).collect();
+    let g = buffer(&v);
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let (dims, bx, es) = ([1000u64], [64u32], [1u32]);
+    // SAFETY: rank 1 (no strides), arrays of length 1, a 128-byte aligned map.
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            &mut map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+            1,
+            g.ptr() as *mut c_void,
+            dims.as_ptr(),
+            std::ptr::null(),
+            bx.as_ptr(),
+            es.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    assert_eq!(r, sys::CUresult::CUDA_SUCCESS);
+    let dmap = buffer(&map.opaque);
+    let out = poisoned::<f32>(64);
+    let (mp, op, x, bytes) = (dmap.ptr(), out.ptr(), 960i32, 256u32);
+    let mut p = vec![arg(&mp), arg(&op), arg(&x), arg(&bytes)];
+    run(&f, block(32, 256), &mut p).expect("tma_1d runs");
+    let got = read::<f32>(&out);
+    let want: Vec<f32> = (960..1024)
+        .map(|i| if i < 1000 { i as f32 + 0.5 } else { 0.0 })
+        .collect();
+    eprintln!("TMA 1d: 64 f32 from element 960 of 1000 (24 filled)");
+    assert_eq!(got, want);
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn cu_tensor_map_encode_tiled_refuses_what_the_driver_refuses() {
+    use sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE as FILL0;
+    use sys::CUtensorMapSwizzle::*;
+    let _s = serial();
+    if !has_cc(9, 0, "cuTensorMapEncodeTiled") {
+        return;
+    }
+    let g = buffer(&[0u16; 100 * 200]);
+    let host = [0u16; 64];
+    let p = g.ptr();
+    let (ok, _) = encode_2d(
+        p,
+        200,
+        100,
+        400,
+        [64, 32],
+        CU_TENSOR_MAP_SWIZZLE_128B,
+        FILL0,
+    );
+    assert_eq!(ok, sys::CUresult::CUDA_SUCCESS, "the valid map");
+    let refusals = [
+        (
+            "globalAddress 8 bytes off 16-byte alignment",
+            encode_2d(
+                p + 8,
+                200,
+                100,
+                400,
+                [64, 32],
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "globalAddress in host memory",
+            encode_2d(
+                host.as_ptr() as u64,
+                8,
+                8,
+                16,
+                [8, 8],
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "stride 392, not a multiple of 16",
+            encode_2d(
+                p,
+                196,
+                100,
+                392,
+                [64, 32],
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "stride 384 below the row's 400 bytes",
+            encode_2d(
+                p,
+                200,
+                100,
+                384,
+                [64, 32],
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "stride 2^40",
+            encode_2d(
+                p,
+                200,
+                100,
+                1 << 40,
+                [64, 32],
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "boxDim 257",
+            encode_2d(
+                p,
+                200,
+                100,
+                400,
+                [64, 257],
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "boxDim 0",
+            encode_2d(p, 200, 100, 400, [64, 0], CU_TENSOR_MAP_SWIZZLE_NONE, FILL0).0,
+        ),
+        (
+            "box row of 8 bytes",
+            encode_2d(p, 200, 100, 400, [4, 8], CU_TENSOR_MAP_SWIZZLE_NONE, FILL0).0,
+        ),
+        (
+            "box row of 256 bytes with the 128B swizzle",
+            encode_2d(
+                p,
+                200,
+                100,
+                400,
+                [128, 8],
+                CU_TENSOR_MAP_SWIZZLE_128B,
+                FILL0,
+            )
+            .0,
+        ),
+        (
+            "box row of 64 bytes with the 32B swizzle",
+            encode_2d(p, 200, 100, 400, [32, 8], CU_TENSOR_MAP_SWIZZLE_32B, FILL0).0,
+        ),
+        (
+            "globalDim 0",
+            encode_2d(p, 0, 100, 400, [64, 32], CU_TENSOR_MAP_SWIZZLE_NONE, FILL0).0,
+        ),
+    ];
+    let mut bad = Vec::new();
+    for (what, r) in refusals {
+        eprintln!("{what}: {r:?}");
+        if r != sys::CUresult::CUDA_ERROR_INVALID_VALUE {
+            bad.push(format!("{what}: {r:?}, want CUDA_ERROR_INVALID_VALUE"));
+        }
+    }
+    // Rank, element strides and the NaN fill of an integer type, through the raw entry point.
+    let mut map = sys::CUtensorMap { opaque: [0; 16] };
+    let dims = [200u64, 100, 1, 1, 1, 1];
+    let strides = [400u64, 40000, 40000, 40000, 40000];
+    let bx = [64u32, 32, 1, 1, 1, 1];
+    let mut encode = |rank: u32, es: [u32; 6], dtype, oob| {
+        // SAFETY: the arrays hold 6 entries, more than any rank asks for.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                dtype,
+                rank,
+                p as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                bx.as_ptr(),
+                es.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_NONE,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                oob,
+            )
+        }
+    };
+    use sys::CUtensorMapDataType::*;
+    use sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NAN_REQUEST_ZERO_FMA as FILLNAN;
+    let ones = [1u32; 6];
+    let raw = [
+        (
+            "rank 0",
+            encode(0, ones, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, FILL0),
+        ),
+        (
+            "rank 6",
+            encode(6, ones, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, FILL0),
+        ),
+        (
+            "elementStrides 9",
+            encode(
+                2,
+                [1, 9, 1, 1, 1, 1],
+                CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                FILL0,
+            ),
+        ),
+        (
+            "NaN fill of UINT16",
+            encode(2, ones, CU_TENSOR_MAP_DATA_TYPE_UINT16, FILLNAN),
+        ),
+    ];
+    for (what, r) in raw {
+        eprintln!("{what}: {r:?}");
+        if r != sys::CUresult::CUDA_ERROR_INVALID_VALUE {
+            bad.push(format!("{what}: {r:?}, want CUDA_ERROR_INVALID_VALUE"));
+        }
+    }
+    assert_eq!(
+        encode(
+            2,
+            [1, 8, 1, 1, 1, 1],
+            CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            FILLNAN
+        ),
+        sys::CUresult::CUDA_SUCCESS,
+        "elementStrides 8 with the NaN fill of bf16 is valid"
+    );
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+/// Each misuse of a Hopper twin stops the launch, naming the instruction and what was wrong.
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn misuse_of_the_hopper_twins_fails_the_launch() {
+    use sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE as FILL0;
+    let _s = serial();
+    if !has_cc(9, 0, "wgmma and cp.async.bulk.tensor") {
+        return;
+    }
+    let m = module();
+    let f = function(&m, "wgmma_misuse");
+    for (kind, want) in [
+        (0, "not in the block's dynamic shared memory"),
+        (1, "issues different descriptors"),
+        (2, "no wgmma_fence"),
+        (3, "past the block's 4096 bytes of dynamic shared memory"),
+    ] {
+        let r = launch!(&f, block(128, 4096), &kind);
+        let message = emu_fault();
+        eprintln!("wgmma_misuse({kind}): {r:?}: {message}");
+        assert!(r.is_err(), "wgmma_misuse({kind}) was not refused");
+        assert!(
+            message.contains("wgmma") && message.contains(want),
+            "wgmma_misuse({kind}): the message should name wgmma and say {want:?}: {message}"
+        );
+    }
+    let f = function(&m, "tma_2d");
+    let g = buffer(&vec![0u16; 64 * 64]);
+    let (_, good) = encode_2d(
+        g.ptr(),
+        64,
+        64,
+        128,
+        [64, 8],
+        sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        FILL0,
+    );
+    let zero = sys::CUtensorMap { opaque: [0; 16] };
+    let out = poisoned::<u8>(1024);
+    for (map, kind, want) in [
+        (&zero, 0, "was not written by the emulated driver"),
+        (&good, 1, "not in the block's dynamic shared memory"),
+        (&good, 2, "a 3d copy with a tensor map of rank 2"),
+    ] {
+        let (op, x, y, bytes) = (out.ptr(), 0i32, 0i32, 1024u32);
+        let mut p = vec![
+            arg(map),
+            arg(&op),
+            arg(&x),
+            arg(&y),
+            arg(&bytes),
+            arg(&kind),
+        ];
+        let r = run(&f, block(32, 4096), &mut p);
+        let message = emu_fault();
+        eprintln!("tma_2d({kind}): {r:?}: {message}");
+        assert!(r.is_err(), "tma_2d({kind}) was not refused");
+        assert!(
+            message.contains("cp.async.bulk.tensor") && message.contains(want),
+            "tma_2d({kind}): the message should name the instruction and say {want:?}: {message}"
+        );
+    }
 }

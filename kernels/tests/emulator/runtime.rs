@@ -7,7 +7,6 @@ use super::harness::{arg, buffer, compile, control, function, gpu, poisoned, rea
 use cudarc::driver::LaunchConfig;
 use kontext_kernels::nvrtc::Nvrtc;
 use kontext_kernels::Family;
-use std::ffi::c_void;
 
 const KERNELS: &str = r#"
 #include "common.cuh"
@@ -125,11 +124,20 @@ fn dynamic_shared_memory_and_three_dimensional_indices() {
     let blocks = 3 * 2;
     let out = poisoned::<i32>(n * blocks);
     let p = out.ptr();
-    run(&f, cfg((3, 2, 1), (8, 4, 2), (n * 4) as u32), &mut [arg(&p)]).expect("runs");
+    run(
+        &f,
+        cfg((3, 2, 1), (8, 4, 2), (n * 4) as u32),
+        &mut [arg(&p)],
+    )
+    .expect("runs");
     let o = read::<i32>(&out);
     for b in 0..blocks {
         for t in 0..n {
-            assert_eq!(o[b * n + t], (n - 1 - t) as i32 + 1000 * b as i32, "block {b} thread {t}");
+            assert_eq!(
+                o[b * n + t],
+                (n - 1 - t) as i32 + 1000 * b as i32,
+                "block {b} thread {t}"
+            );
         }
     }
 }
@@ -141,7 +149,12 @@ fn shared_memory_starts_poisoned() {
     let f = function(&m, "read_unwritten_smem");
     let out = buffer(&[0u32; 64]);
     let (p, never) = (out.ptr(), 0i32);
-    run(&f, cfg((2, 1, 1), (64, 1, 1), 0), &mut [arg(&p), arg(&never)]).expect("runs");
+    run(
+        &f,
+        cfg((2, 1, 1), (64, 1, 1), 0),
+        &mut [arg(&p), arg(&never)],
+    )
+    .expect("runs");
     assert!(read::<u32>(&out).iter().all(|&v| v == 0xFFFF_FFFF));
 }
 
@@ -153,8 +166,7 @@ fn refused(c: LaunchConfig, name: &str, what: &str) {
     let out = poisoned::<i32>(2048);
     let (p, never) = (out.ptr(), 0i32);
     // Every kernel named here takes (int* out[, int]); an extra parameter is never read.
-    let e = run(&f, c, &mut [arg(&p) as *mut c_void, arg(&never)])
-        .expect_err("the launch must be refused");
+    let e = run(&f, c, &mut [arg(&p), arg(&never)]).expect_err("the launch must be refused");
     let msg = control::last_error();
     control::clear_fault();
     assert!(msg.contains(what) && msg.contains(name), "{msg} ({e:?})");
@@ -163,11 +175,31 @@ fn refused(c: LaunchConfig, name: &str, what: &str) {
 #[test]
 #[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
 fn launches_past_the_device_limits_are_refused() {
-    refused(cfg((1, 1, 1), (1025, 1, 1), 0), "read_unwritten_smem", "exceeds the device's limits");
-    refused(cfg((1, 1, 1), (8, 8, 65), 0), "read_unwritten_smem", "exceeds the device's limits");
-    refused(cfg((1, 65536, 1), (32, 1, 1), 0), "read_unwritten_smem", "grid exceeds");
-    refused(cfg((1, 1, 1), (256, 1, 1), 0), "bounded", "__launch_bounds__(128)");
-    refused(cfg((1, 1, 1), (64, 1, 1), 49153), "dynamic_smem", "dynamic shared memory");
+    refused(
+        cfg((1, 1, 1), (1025, 1, 1), 0),
+        "read_unwritten_smem",
+        "exceeds the device's limits",
+    );
+    refused(
+        cfg((1, 1, 1), (8, 8, 65), 0),
+        "read_unwritten_smem",
+        "exceeds the device's limits",
+    );
+    refused(
+        cfg((1, 65536, 1), (32, 1, 1), 0),
+        "read_unwritten_smem",
+        "grid exceeds",
+    );
+    refused(
+        cfg((1, 1, 1), (256, 1, 1), 0),
+        "bounded",
+        "__launch_bounds__(128)",
+    );
+    refused(
+        cfg((1, 1, 1), (64, 1, 1), 49153),
+        "dynamic_smem",
+        "dynamic shared memory",
+    );
 }
 
 #[test]
@@ -188,7 +220,10 @@ fn a_module_for_another_architecture_is_refused() {
             .context()
             .load_module(cudarc::nvrtc::Ptx::from_binary(compiled.cubin))
             .expect_err("a module for another architecture must not load");
-        assert!(format!("{e:?}").contains("NO_BINARY_FOR_GPU"), "{arch}: {e:?}");
+        assert!(
+            format!("{e:?}").contains("NO_BINARY_FOR_GPU"),
+            "{arch}: {e:?}"
+        );
     }
 }
 
@@ -197,8 +232,13 @@ fn a_module_for_another_architecture_is_refused() {
 fn allocations_past_the_memory_cap_fail_as_out_of_memory() {
     let gpu = gpu();
     let (free, total) = gpu.mem_info().expect("cuMemGetInfo");
-    assert!(free <= total && total == gpu.info.total_memory as usize, "{free} {total}");
-    let e = gpu.alloc(total + 1).err().expect("more than the device holds must fail");
+    assert!(
+        free <= total && total == gpu.info.total_memory,
+        "{free} {total}"
+    );
+    let Err(e) = gpu.alloc(total + 1) else {
+        panic!("more than the device holds must fail");
+    };
     assert!(e.to_string().contains("OUT_OF_MEMORY"), "{e}");
     gpu.alloc(1 << 20).expect("and the device still works");
 }

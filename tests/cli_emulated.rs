@@ -1,0 +1,111 @@
+//! `kontext-fast --device cuda` as a user runs it, on the emulated GPU (kernels/emu): the
+//! committed tiny pipeline edits an image through the project's CUDA kernels, cuBLASLt calls and
+//! CudaBackend, and must give the CPU reference's image within the bf16 tolerance; a device too
+//! small for the request gives one clear error. Run by `scripts/test` as
+//! `scripts/emulated cargo test --release --test cli_emulated -- --ignored`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pipeline"
+    ))
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn emulated() {
+    assert_eq!(
+        std::env::var("KONTEXT_EMULATED").as_deref(),
+        Ok("1"),
+        "run on the emulated GPU: scripts/emulated cargo test --release --test cli_emulated -- --ignored"
+    );
+}
+
+fn edit(device: &str, out: &Path, env: &[(&str, &str)]) -> Output {
+    let model = fixtures().join("tiny-kontext");
+    let image = fixtures().join("context.png");
+    Command::new(env!("CARGO_BIN_EXE_kontext-fast"))
+        .args([
+            "--model",
+            s(&model),
+            "--image",
+            s(&image),
+            "--prompt",
+            "Give the cat a space helmet",
+            "--steps",
+            "4",
+            "--seed",
+            "42",
+            "--resize",
+            "none",
+            "--device",
+            device,
+            "--json",
+            "--output",
+            s(out),
+        ])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn pixels(p: &Path) -> Vec<u8> {
+    image::open(p).unwrap().to_rgb8().into_raw()
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release --test cli_emulated -- --ignored"]
+fn edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tolerance() {
+    emulated();
+    let d = tempfile::tempdir().unwrap();
+    let (gpu_png, cpu_png) = (d.path().join("gpu.png"), d.path().join("cpu.png"));
+    let g = edit("cuda", &gpu_png, &[]);
+    let stderr = String::from_utf8_lossy(&g.stderr);
+    assert!(g.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("note: running on GPU 0: kontext-emu (emulated GPU"),
+        "{stderr}"
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
+    assert_eq!(summary["device"], "cuda");
+    assert!(
+        summary["gpu"].as_str().unwrap().contains("emulated"),
+        "{summary}"
+    );
+    let c = edit("cpu", &cpu_png, &[]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let (a, b) = (pixels(&gpu_png), pixels(&cpu_png));
+    assert_eq!(a.len(), b.len());
+    let diffs: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let max = *diffs.iter().max().unwrap();
+    let mean = diffs.iter().map(|&v| v as f64).sum::<f64>() / diffs.len() as f64;
+    eprintln!("emulated GPU vs CPU: max {max} levels, mean {mean:.2}");
+    // The bf16 tolerance of a finished tiny-pipeline image (engine::check::tol, measured on the
+    // CPU emulation of the CUDA rounding points): ≤ 24 levels; the mean must stay small too.
+    assert!(max <= 24 && mean <= 2.0, "max {max}, mean {mean}");
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release --test cli_emulated -- --ignored"]
+fn a_device_too_small_for_the_request_is_one_clear_error_and_writes_nothing() {
+    emulated();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("never.png");
+    // 8 MiB: less than the tiny pipeline's weights and activations need.
+    let r = edit("cuda", &out, &[("KONTEXT_EMU_MEMORY", "8M")]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("OUT_OF_MEMORY") || errors[0].contains("out of memory"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing may be written");
+}
