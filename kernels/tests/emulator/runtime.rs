@@ -58,6 +58,20 @@ extern "C" __global__ void read_unwritten_smem(unsigned int* out, int never) {
 }
 
 extern "C" __global__ void __launch_bounds__(128) bounded(int* out) { out[threadIdx.x] = 1; }
+
+// Writes dynamic shared memory at [offset, offset + blockDim.x) ints.
+extern "C" __global__ void dynamic_smem_at(int* out, int offset) {
+    extern __shared__ int buf[];
+    buf[offset + threadIdx.x] = 1;
+    __syncthreads();
+    out[threadIdx.x] = buf[offset + threadIdx.x];
+}
+
+// Thread 0 waits for a flag nobody sets: a spin-wait that can never end.
+extern "C" __global__ void spin_forever(volatile int* flag) {
+    if (threadIdx.x == 0)
+        while (*flag == 0) __nanosleep(100);
+}
 "#;
 
 fn module() -> std::sync::Arc<cudarc::driver::CudaModule> {
@@ -258,4 +272,39 @@ fn copies_outside_an_allocation_are_refused() {
     // SAFETY: a read starting 995 bytes in, 10 long: 5 bytes past the end.
     let r = unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut back, a.ptr() + 995) };
     assert!(r.is_err());
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn dynamic_shared_memory_past_the_launch_size_faults() {
+    let _g = serial();
+    let m = module();
+    let f = function(&m, "dynamic_smem_at");
+    let out = poisoned::<i32>(64);
+    let p = out.ptr();
+    // 4096 bytes = 1024 ints: the last 64 fit, one more does not.
+    let inside = 1024 - 64;
+    run(&f, cfg((1, 1, 1), (64, 1, 1), 4096), &mut [arg(&p), arg(&inside)]).expect("in bounds");
+    assert_eq!(read::<i32>(&out), vec![1; 64]);
+    let past = 1024 - 63;
+    let e = run(&f, cfg((1, 1, 1), (64, 1, 1), 4096), &mut [arg(&p), arg(&past)])
+        .expect_err("one int past the dynamic shared memory must fault");
+    let msg = control::last_error();
+    control::clear_fault();
+    assert!(msg.contains("dynamic_smem_at") && msg.contains("dynamic shared memory"), "{msg} {e:?}");
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn a_spin_wait_that_never_ends_is_an_error_not_a_hang() {
+    let _g = serial();
+    let m = module();
+    let f = function(&m, "spin_forever");
+    let flag = buffer(&[0i32]);
+    let p = flag.ptr();
+    let e = run(&f, cfg((1, 1, 1), (32, 1, 1), 0), &mut [arg(&p)])
+        .expect_err("a wait nobody ends must fail");
+    let msg = control::last_error();
+    control::clear_fault();
+    assert!(msg.contains("spin_forever") && msg.contains("can never end"), "{msg} {e:?}");
 }
