@@ -284,14 +284,26 @@ fn dynamic_shared_memory_past_the_launch_size_faults() {
     let p = out.ptr();
     // 4096 bytes = 1024 ints: the last 64 fit, one more does not.
     let inside = 1024 - 64;
-    run(&f, cfg((1, 1, 1), (64, 1, 1), 4096), &mut [arg(&p), arg(&inside)]).expect("in bounds");
+    run(
+        &f,
+        cfg((1, 1, 1), (64, 1, 1), 4096),
+        &mut [arg(&p), arg(&inside)],
+    )
+    .expect("in bounds");
     assert_eq!(read::<i32>(&out), vec![1; 64]);
     let past = 1024 - 63;
-    let e = run(&f, cfg((1, 1, 1), (64, 1, 1), 4096), &mut [arg(&p), arg(&past)])
-        .expect_err("one int past the dynamic shared memory must fault");
+    let e = run(
+        &f,
+        cfg((1, 1, 1), (64, 1, 1), 4096),
+        &mut [arg(&p), arg(&past)],
+    )
+    .expect_err("one int past the dynamic shared memory must fault");
     let msg = control::last_error();
     control::clear_fault();
-    assert!(msg.contains("dynamic_smem_at") && msg.contains("dynamic shared memory"), "{msg} {e:?}");
+    assert!(
+        msg.contains("dynamic_smem_at") && msg.contains("dynamic shared memory"),
+        "{msg} {e:?}"
+    );
 }
 
 #[test]
@@ -306,5 +318,8 @@ fn a_spin_wait_that_never_ends_is_an_error_not_a_hang() {
         .expect_err("a wait nobody ends must fail");
     let msg = control::last_error();
     control::clear_fault();
-    assert!(msg.contains("spin_forever") && msg.contains("can never end"), "{msg} {e:?}");
+    assert!(
+        msg.contains("spin_forever") && msg.contains("can never end"),
+        "{msg} {e:?}"
+    );
 }
