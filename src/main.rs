@@ -4,8 +4,12 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kontext_engine::image::RgbImage;
+use kontext_engine::lora::LoraSpec;
 use kontext_engine::pipeline::{Device, Pipeline, Progress};
-use kontext_engine::request::{read_noise_file, EditOptions, NoiseSource, ResizePolicy};
+use kontext_engine::request::{
+    plan_sizes, read_noise_file, EditOptions, NoiseSource, ResizePolicy,
+};
+use kontext_engine::sampling::RefLayout;
 use kontext_loader::{open_component, AnyComponent, ModelPaths, TransformerOptions};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -45,6 +49,15 @@ enum ResizeArg {
     None,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum RefLayoutArg {
+    /// ComfyUI's default: every context image at index 1, each placed right of or below the
+    /// ones before it.
+    Offset,
+    /// Context image k at index k + 1, all at the same spatial positions.
+    Index,
+}
+
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
 enum DeviceArg {
     Cpu,
@@ -56,9 +69,13 @@ struct RunArgs {
     /// Model folder (as downloaded from black-forest-labs/FLUX.1-Kontext-dev).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Context image to edit (PNG, JPEG, WebP). Without it, generate from the prompt alone.
+    /// Context image to edit (PNG, JPEG, WebP); repeat for several, in order (the output size
+    /// defaults to the first's). Without it, generate from the prompt alone.
     #[arg(long)]
-    image: Option<PathBuf>,
+    image: Vec<PathBuf>,
+    /// How several context images are placed (RoPE positions); Kontext dev was trained with one.
+    #[arg(long, value_enum, default_value = "offset")]
+    ref_layout: RefLayoutArg,
     /// The instruction (edit) or description (generation).
     #[arg(long)]
     prompt: Option<String>,
@@ -87,6 +104,11 @@ struct RunArgs {
     /// cpu (f32 reference) or cuda; default: cuda when available, else cpu.
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
+    /// A LoRA for the transformer, at a strength (default 1.0; 0.5 = half its effect); repeat
+    /// for several. Kohya / sd-scripts, ComfyUI / BFL, PEFT / diffusers, AI-Toolkit and fal
+    /// Kontext files are recognised from their keys; a key that fits no layer is an error.
+    #[arg(long, value_name = "FILE[:STRENGTH]", value_parser = LoraSpec::parse)]
+    lora: Vec<LoraSpec>,
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
@@ -151,7 +173,7 @@ fn run(args: &RunArgs) -> Result<()> {
             output.display()
         );
     }
-    if let Some(image) = &args.image {
+    for image in &args.image {
         if same_file(image, output) {
             bail!(
                 "{}: refusing to overwrite the input image; choose another --output",
@@ -179,7 +201,22 @@ fn run(args: &RunArgs) -> Result<()> {
     if let Some(gpu) = &gpu {
         eprintln!("note: running on {gpu}");
     }
-    let context = args.image.as_deref().map(RgbImage::open).transpose()?;
+    let several = args.image.len() > 1;
+    let references = args
+        .image
+        .iter()
+        .enumerate()
+        .map(|(k, path)| {
+            RgbImage::open(path).with_context(|| match several {
+                true => format!("--image #{}", k + 1),
+                false => "--image".to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let layout = match args.ref_layout {
+        RefLayoutArg::Offset => RefLayout::Offset,
+        RefLayoutArg::Index => RefLayout::Index,
+    };
     let noise = match (&args.noise, args.seed) {
         (Some(path), _) => {
             let (values, dims) = read_noise_file(path)?;
@@ -219,10 +256,17 @@ fn run(args: &RunArgs) -> Result<()> {
     };
     // Everything about the request that can be wrong is checked before the model loads.
     opts.validate()?;
+    let sizes: Vec<(usize, usize)> = references.iter().map(|r| (r.width, r.height)).collect();
+    plan_sizes(&sizes, &opts)?;
 
     let t0 = Instant::now();
     let paths = ModelPaths::discover(model)?;
-    let pipeline = Pipeline::load(&paths, device).with_context(|| {
+    for l in &args.lora {
+        if !l.path.is_file() {
+            bail!("{}: no such LoRA file (--lora)", l.path.display());
+        }
+    }
+    let pipeline = Pipeline::load_with_loras(&paths, device, &args.lora).with_context(|| {
         let hint = match (device, requested) {
             (Device::Cuda, None) => " on the GPU (--device cpu runs on the CPU)",
             _ => "",
@@ -230,9 +274,21 @@ fn run(args: &RunArgs) -> Result<()> {
         format!("loading {}{hint}", model.display())
     })?;
     let load_time = t0.elapsed();
+    for l in pipeline.loras() {
+        eprintln!(
+            "LoRA {} ({}, {} layers) at strength {}",
+            l.lora.path.display(),
+            l.lora.format,
+            l.lora.targets().len(),
+            l.strength
+        );
+    }
     let mut progress = |p: &Progress| match p {
         Progress::EncodingText => eprintln!("encoding the prompt"),
-        Progress::EncodingImage => eprintln!("encoding the context image"),
+        Progress::EncodingImage => match references.len() {
+            1 => eprintln!("encoding the context image"),
+            n => eprintln!("encoding {n} context images ({} layout)", layout.name()),
+        },
         Progress::Denoising { steps } => {
             eprintln!("denoising: {steps} steps on {}", device.name())
         }
@@ -241,10 +297,8 @@ fn run(args: &RunArgs) -> Result<()> {
         }
         Progress::Decoding => eprintln!("decoding"),
     };
-    let out = match &context {
-        Some(img) => pipeline.edit(img, prompt, &opts, &mut progress)?,
-        None => pipeline.generate(prompt, &opts, &mut progress)?,
-    };
+    let refs: Vec<&RgbImage> = references.iter().collect();
+    let out = pipeline.edit_references(&refs, layout, prompt, &opts, &mut progress)?;
     for n in &out.notes {
         eprintln!("note: {n}");
     }
@@ -265,7 +319,9 @@ fn run(args: &RunArgs) -> Result<()> {
             "output": output,
             "width": out.image.width,
             "height": out.image.height,
-            "context": context.as_ref().map(|c| serde_json::json!({"width": c.width, "height": c.height})),
+            "context": references.first().map(|c| serde_json::json!({"width": c.width, "height": c.height})),
+            "references": references.iter().map(|c| serde_json::json!({"width": c.width, "height": c.height})).collect::<Vec<_>>(),
+            "ref_layout": layout.name(),
             "seed": out.seed,
             "steps": opts.steps,
             "guidance": opts.guidance,

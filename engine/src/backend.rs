@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 use crate::error::{shape_err, Result};
+use crate::lora::LoraTerm;
 use crate::weights::{HostWeight, StoredWeight};
 
 /// The ops one forward of the Flux transformer needs (spec 1.3 – 1.10).
@@ -61,6 +62,21 @@ pub trait Backend {
         let shape = vec![weight.rows(), weight.cols()];
         self.load_linear(key, HostWeight { shape, data }, bias)
     }
+    /// Attaches LoRA `terms` to linear `w` (named `key`), replacing any attached before (none:
+    /// the plain layer again): from then on [`Backend::linear`] adds, per term, `scale ·
+    /// (x·Aᵀ)·Bᵀ` to output columns `[row0, row0 + rows)`. The base weight is not touched, so
+    /// strengths can change between requests without reloading it ([`crate::lora`]). The
+    /// default refuses: a backend without it cannot run LoRAs.
+    fn set_lora(&self, w: &mut Self::Linear, key: &str, terms: &[LoraTerm]) -> Result<()> {
+        let _ = w;
+        if terms.is_empty() {
+            return Ok(());
+        }
+        Err(crate::error::EngineError::Config(format!(
+            "{key}: the {} backend does not apply LoRAs",
+            self.name()
+        )))
+    }
     /// Builds a 1-D parameter from host data `[n]`.
     fn load_vector(&self, key: &str, v: HostWeight) -> Result<Self::Vector>;
 
@@ -79,7 +95,8 @@ pub trait Backend {
         body()
     }
 
-    /// `x [L, in] · Wᵀ + b → [L, out]` (GEMM, bias in the epilogue).
+    /// `x [L, in] · Wᵀ + b → [L, out]` (GEMM, bias in the epilogue), plus the low-rank terms of
+    /// any attached LoRA ([`Backend::set_lora`]).
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
     /// `SiLU(x) = x·σ(x)`, elementwise, same shape.
     fn silu(&self, x: &Self::Tensor) -> Result<Self::Tensor>;

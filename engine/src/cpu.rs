@@ -14,6 +14,7 @@ use crate::backend::{
 };
 use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{gelu_tanh, silu, LN_EPS, RMS_EPS};
+use crate::lora::{check_terms, LoraTerm};
 use crate::weights::HostWeight;
 use rayon::prelude::*;
 
@@ -56,6 +57,8 @@ pub struct CpuLinear {
     pub weight: Vec<f32>,
     /// `[out]`, or none.
     pub bias: Option<Vec<f32>>,
+    /// Attached LoRA terms ([`Backend::set_lora`]), added to the product.
+    pub lora: Vec<LoraTerm>,
 }
 
 /// The f32 CPU reference backend.
@@ -283,6 +286,7 @@ impl Backend for CpuBackend {
             inp,
             weight: weight.data,
             bias: bias.map(|b| b.data),
+            lora: Vec::new(),
         })
     }
 
@@ -312,7 +316,33 @@ impl Backend for CpuBackend {
             beta,
             (&mut y.data, w.out, 1),
         );
+        for t in &w.lora {
+            // h [L, r] = x·Aᵀ, then y[:, row0..row0 + rows] += scale · h·Bᵀ.
+            let mut h = vec![0.0f32; x.rows * t.rank];
+            gemm(
+                (x.rows, w.inp, t.rank),
+                1.0,
+                (&x.data, w.inp, 1),
+                (&t.down, 1, w.inp),
+                0.0,
+                (&mut h, t.rank, 1),
+            );
+            gemm(
+                (x.rows, t.rank, t.rows),
+                t.scale,
+                (&h, t.rank, 1),
+                (&t.up, 1, t.rank),
+                1.0,
+                (&mut y.data[t.row0..], w.out, 1),
+            );
+        }
         Ok(y)
+    }
+
+    fn set_lora(&self, w: &mut CpuLinear, key: &str, terms: &[LoraTerm]) -> Result<()> {
+        check_terms(key, (w.out, w.inp), terms)?;
+        w.lora = terms.to_vec();
+        Ok(())
     }
 
     fn silu(&self, x: &CpuTensor) -> Result<CpuTensor> {

@@ -41,6 +41,7 @@ use crate::backend::{
 };
 use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{LN_EPS, RMS_EPS};
+use crate::lora::{check_terms, LoraTerm};
 use crate::weights::{HostWeight, StoredWeight};
 use half::bf16;
 use kontext_kernels::arena::{Pool, PoolRegion};
@@ -200,6 +201,17 @@ pub struct CudaLinear {
     pub fp8: bool,
     weight: Option<DeviceWeight>,
     bias: Option<DeviceMat>,
+    lora: Vec<CudaLoraTerm>,
+}
+
+/// An attached LoRA term on the GPU: `A [rank, in]` and `B [rows, rank]` in bf16 (the
+/// activations' type, as PEFT keeps an adapter in the base layer's dtype); none in a planner.
+struct CudaLoraTerm {
+    rank: usize,
+    row0: usize,
+    rows: usize,
+    scale: f32,
+    ab: Option<(DeviceMat, DeviceMat)>,
 }
 
 impl CudaLinear {
@@ -486,6 +498,7 @@ impl CudaBackend {
                 fp8: false,
                 weight: None,
                 bias: None,
+                lora: Vec::new(),
             });
         };
         let m = d.gpu.alloc_mat(DType::Bf16, out, inp)?;
@@ -496,6 +509,7 @@ impl CudaBackend {
             fp8: false,
             weight: Some(DeviceWeight::single(m, 1.0)),
             bias: self.upload_bias(bias)?,
+            lora: Vec::new(),
         })
     }
 
@@ -638,6 +652,7 @@ impl Backend for CudaBackend {
                 fp8,
                 weight: None,
                 bias: None,
+                lora: Vec::new(),
             });
         };
         let bias_dev = self.upload_bias(bias.as_ref().map(|b| &b.data[..]))?;
@@ -655,6 +670,7 @@ impl Backend for CudaBackend {
                 fp8,
                 weight: Some(w),
                 bias: bias_dev,
+                lora: Vec::new(),
             });
         }
         // bf16 without a scale is copied as stored; anything else through f32 to bf16.
@@ -677,6 +693,7 @@ impl Backend for CudaBackend {
             fp8,
             weight: Some(DeviceWeight::single(m, 1.0)),
             bias: bias_dev,
+            lora: Vec::new(),
         })
     }
 
@@ -735,7 +752,44 @@ impl Backend for CudaBackend {
             };
             Ok(d.gemm.linear(x.mat()?, wm, w.bias.as_ref(), y.mat()?)?)
         })?;
+        for t in &w.lora {
+            // h [L, r] = x·Aᵀ, then y[:, row0..row0 + rows] += scale · h·Bᵀ, accumulated onto
+            // the base output in f32 with one rounding.
+            let h = self.tensor(DType::Bf16, x.rows, t.rank, "lora x·Aᵀ")?;
+            self.launch(|d| {
+                let (a, b) = t.ab.as_ref().ok_or_else(|| {
+                    shape_err("linear", "internal: a planner's LoRA reached a launch")
+                })?;
+                d.gemm.linear(x.mat()?, a, None, h.mat()?)?;
+                let cols = y.mat()?.cols_range(t.row0, t.row0 + t.rows)?;
+                Ok(d.gemm
+                    .matmul(h.mat()?, false, b, true, &cols, None, t.scale, 1.0)?)
+            })?;
+        }
         Ok(y)
+    }
+
+    fn set_lora(&self, w: &mut CudaLinear, key: &str, terms: &[LoraTerm]) -> Result<()> {
+        check_terms(key, (w.out, w.inp), terms)?;
+        let mut lora = Vec::with_capacity(terms.len());
+        for t in terms {
+            let ab = match &self.shared.dev {
+                Some(d) => Some((
+                    d.gpu.upload_bf16(&t.down, t.rank, w.inp)?,
+                    d.gpu.upload_bf16(&t.up, t.rows, t.rank)?,
+                )),
+                None => None,
+            };
+            lora.push(CudaLoraTerm {
+                rank: t.rank,
+                row0: t.row0,
+                rows: t.rows,
+                scale: t.scale,
+                ab,
+            });
+        }
+        w.lora = lora;
+        Ok(())
     }
 
     fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {

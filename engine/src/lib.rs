@@ -17,6 +17,7 @@ pub mod encoder_backend;
 pub mod error;
 pub mod image;
 pub mod layers;
+pub mod lora;
 pub mod model;
 pub mod noise;
 pub mod pipeline;

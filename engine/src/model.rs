@@ -73,6 +73,8 @@ pub struct Flux<B: Backend> {
     pub single_blocks: Vec<SingleStreamBlock<B>>,
     /// `final_layer`.
     pub final_layer: LastLayer<B>,
+    /// The LoRAs attached to the linears, at their strengths ([`Flux::set_loras`]).
+    pub loras: Vec<crate::lora::ActiveLora>,
 }
 
 /// Calls `hook` with a stage's values, downloaded (only when there is a hook). Every model's
@@ -165,6 +167,7 @@ impl<B: Backend> Flux<B> {
                 .map(|i| SingleStreamBlock::load(b, src, i, dims))
                 .collect::<Result<_>>()?,
             final_layer: LastLayer::load(b, src, d, c.out_channels)?,
+            loras: Vec::new(),
             config,
             backend,
         })

@@ -15,9 +15,9 @@ use crate::encoder_backend::EncoderBackend;
 use crate::error::{EngineError, Result};
 use crate::image::RgbImage;
 use crate::model::{Flux, FluxInputs, StageHook};
-use crate::request::{initial_noise, plan, EditOptions, NoiseSource};
+use crate::request::{initial_noise, plan_references, EditOptions, NoiseSource};
 use crate::sampling::{
-    image_ids, pack, prepare_kontext, target_rows, txt_ids, unpack, LatentShape,
+    image_ids, pack, prepare_kontext_refs, target_rows, txt_ids, unpack, LatentShape, RefLayout,
 };
 use crate::schedule::get_schedule;
 use crate::t5::T5Encoder;
@@ -338,6 +338,20 @@ impl Pipeline {
         self.run(Some(context), prompt, opts, progress, None)
     }
 
+    /// Edits following `prompt` with several context images, in order, placed by `layout`
+    /// ([`RefLayout`]); the output size defaults to the first one's. One reference is exactly
+    /// [`Pipeline::edit`], none [`Pipeline::generate`].
+    pub fn edit_references(
+        &self,
+        references: &[&RgbImage],
+        layout: RefLayout,
+        prompt: &str,
+        opts: &EditOptions,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Output> {
+        self.run_references(references, layout, prompt, opts, progress, None)
+    }
+
     /// Generates an image from `prompt` alone.
     pub fn generate(
         &self,
@@ -413,9 +427,35 @@ impl Pipeline {
         progress: &mut dyn FnMut(&Progress),
         stages: Option<StageHook<'_>>,
     ) -> Result<Output> {
+        self.run_references(
+            context.as_slice(),
+            RefLayout::Offset,
+            prompt,
+            opts,
+            progress,
+            stages,
+        )
+    }
+
+    /// [`Pipeline::run`] with any number of context images (none: text-to-image), placed by
+    /// `layout`; `image_latents` is then every reference's packed tokens in order `[ΣNc, 4z]`,
+    /// and `img_ids` `[Nx + ΣNc, 3]` the ids the transformer gets.
+    pub fn run_references(
+        &self,
+        references: &[&RgbImage],
+        layout: RefLayout,
+        prompt: &str,
+        opts: &EditOptions,
+        progress: &mut dyn FnMut(&Progress),
+        stages: Option<StageHook<'_>>,
+    ) -> Result<Output> {
         match &self.engine {
-            Engine::Cpu(m) => self.run_with(m, context, prompt, opts, progress, stages),
-            Engine::Cuda(m) => self.run_with(m, context, prompt, opts, progress, stages),
+            Engine::Cpu(m) => {
+                self.run_references_with(m, references, layout, prompt, opts, progress, stages)
+            }
+            Engine::Cuda(m) => {
+                self.run_references_with(m, references, layout, prompt, opts, progress, stages)
+            }
         }
     }
 
@@ -428,6 +468,22 @@ impl Pipeline {
         prompt: &str,
         opts: &EditOptions,
         progress: &mut dyn FnMut(&Progress),
+        stages: Option<StageHook<'_>>,
+    ) -> Result<Output> {
+        let refs = context.as_slice();
+        self.run_references_with(m, refs, RefLayout::Offset, prompt, opts, progress, stages)
+    }
+
+    /// [`Pipeline::run_references`] on the given models.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_references_with<B: EncoderBackend>(
+        &self,
+        m: &Models<B>,
+        references: &[&RgbImage],
+        layout: RefLayout,
+        prompt: &str,
+        opts: &EditOptions,
+        progress: &mut dyn FnMut(&Progress),
         mut stages: Option<StageHook<'_>>,
     ) -> Result<Output> {
         let mut observe = |name: &str, v: &[f32]| {
@@ -435,7 +491,7 @@ impl Pipeline {
                 h(name, v);
             }
         };
-        let plan = plan(context, opts)?;
+        let plan = plan_references(references, opts)?;
         let mut notes = plan.notes.clone();
         let mut timings = Vec::new();
         let z = m.vae.config.z_channels;
@@ -449,19 +505,20 @@ impl Pipeline {
         timings.push(("text", t0.elapsed()));
 
         let t0 = Instant::now();
-        let ctx = match &plan.context {
-            Some(img) => {
-                progress(&Progress::EncodingImage);
-                let pixels = img.to_tensor(); // [3, H, W]
-                let vae = &m.vae;
-                let encode = || vae.encode(&pixels, img.height, img.width, None);
-                let latent = vae
-                    .backend
-                    .planned(&mut || encode().map(drop), &mut || encode())?; // [z, h, w]
-                Some(latent)
-            }
-            None => None,
-        };
+        if !plan.references.is_empty() {
+            progress(&Progress::EncodingImage);
+        }
+        let mut ctx = Vec::with_capacity(plan.references.len());
+        for img in &plan.references {
+            let pixels = img.to_tensor(); // [3, H_k, W_k]
+            let vae = &m.vae;
+            let encode = || vae.encode(&pixels, img.height, img.width, None);
+            // Each reference its own planned stage: its pool fits its size.
+            let latent = vae
+                .backend
+                .planned(&mut || encode().map(drop), &mut || encode())?; // [z, h_k, w_k]
+            ctx.push(latent);
+        }
         timings.push(("context", t0.elapsed()));
 
         let target = LatentShape {
@@ -473,22 +530,28 @@ impl Pipeline {
         let mut x = pack(&noise, target)?; // [Nx, 4z]
         let nx = target.tokens();
         // Context tokens and all image ids are fixed for the whole loop (spec 2.4).
-        let (ctx_img, img_ids) = match &ctx {
-            Some(l) => {
-                let s = LatentShape {
-                    channels: l.channels,
-                    height: l.height,
-                    width: l.width,
-                };
-                let k = prepare_kontext(&noise, target, &l.data, s)?;
-                observe("image_latents", &k.img[nx * 4 * z..]);
-                (k.img[nx * 4 * z..].to_vec(), k.img_ids) // [Nc, 4z], [Nx + Nc, 3]
-            }
-            None => (
+        let (ctx_img, img_ids) = if ctx.is_empty() {
+            (
                 Vec::new(),
                 image_ids(target.height / 2, target.width / 2, 0.0),
-            ), // [Nx, 3]
+            ) // [Nx, 3]
+        } else {
+            let latents: Vec<(&[f32], LatentShape)> = ctx
+                .iter()
+                .map(|l| {
+                    let s = LatentShape {
+                        channels: l.channels,
+                        height: l.height,
+                        width: l.width,
+                    };
+                    (l.data.as_slice(), s)
+                })
+                .collect();
+            let k = prepare_kontext_refs(&noise, target, &latents, layout)?;
+            observe("image_latents", &k.img[nx * 4 * z..]);
+            (k.img[nx * 4 * z..].to_vec(), k.img_ids) // [ΣNc, 4z], [Nx + ΣNc, 3]
         };
+        observe("img_ids", &img_ids);
         let schedule = get_schedule(opts.steps, nx, &self.scheduler);
         let ids_txt = txt_ids(lt); // [Lt, 3]
         let flux = &m.flux;

@@ -86,14 +86,41 @@ impl EditOptions {
 /// Output size of a text-to-image request without `--width/--height` (diffusers' default).
 pub const DEFAULT_T2I_SIDE: usize = 1024;
 
+/// Image tokens one request may put into the transformer, target and references together:
+/// what a single-image request at the per-side limit asks for (a 4096² output and a 4096²
+/// context, 2 × 256²). Attention grows with the square of it, so references share this budget
+/// rather than each bringing their own.
+pub const MAX_IMAGE_TOKENS: usize = 2 * (MAX_OUTPUT_SIDE / 16) * (MAX_OUTPUT_SIDE / 16);
+
 /// Sizes resolved for one request. `notes` says what was adjusted, for the user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
-    /// Context image at its working size (multiples of 16), if any.
-    pub context: Option<RgbImage>,
+    /// Context images at their working sizes (multiples of 16), in order; empty for
+    /// text-to-image.
+    pub references: Vec<RgbImage>,
     pub width: usize,
     pub height: usize,
     pub notes: Vec<String>,
+}
+
+/// [`Plan`] before any pixel is touched: the working size of each reference and the output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SizePlan {
+    /// `(width, height)` of each reference after snapping, in order.
+    pub references: Vec<(usize, usize)>,
+    pub width: usize,
+    pub height: usize,
+    pub notes: Vec<String>,
+}
+
+impl SizePlan {
+    /// Image tokens of the transformer's sequence: target plus every reference (2×2 patches of
+    /// the 8× latent, i.e. one token per 16×16 pixels).
+    pub fn image_tokens(&self) -> usize {
+        let tokens = |(w, h): (usize, usize)| (w / 16) * (h / 16);
+        tokens((self.width, self.height))
+            + self.references.iter().copied().map(tokens).sum::<usize>()
+    }
 }
 
 fn too_small(what: &str, w: usize, h: usize) -> EngineError {
@@ -113,32 +140,55 @@ fn floor16(v: usize, what: &str, notes: &mut Vec<String>) -> usize {
 
 /// Resolves the context's working size and the output size (spec 2.1, 2.5).
 pub fn plan(context: Option<&RgbImage>, opts: &EditOptions) -> Result<Plan> {
+    plan_references(context.as_slice(), opts)
+}
+
+/// [`plan`] for any number of context images: each is snapped on its own, the output defaults
+/// to the first one's working size, and all of them count towards [`MAX_IMAGE_TOKENS`].
+pub fn plan_references(references: &[&RgbImage], opts: &EditOptions) -> Result<Plan> {
+    let sizes: Vec<(usize, usize)> = references.iter().map(|r| (r.width, r.height)).collect();
+    let s = plan_sizes(&sizes, opts)?;
+    Ok(Plan {
+        references: references
+            .iter()
+            .zip(&s.references)
+            .map(|(img, &(w, h))| img.resize_lanczos(w, h))
+            .collect(),
+        width: s.width,
+        height: s.height,
+        notes: s.notes,
+    })
+}
+
+/// [`plan_references`] from the references' `(width, height)` alone, so that a request can be
+/// checked before any model loads or any image is resized.
+pub fn plan_sizes(references: &[(usize, usize)], opts: &EditOptions) -> Result<SizePlan> {
     opts.validate()?;
     let mut notes = Vec::new();
-    let context = match context {
-        None => None,
-        Some(img) => {
-            let (w, h) = match opts.resize {
-                ResizePolicy::Preferred => preferred_resolution(img.width, img.height),
-                ResizePolicy::None => (img.width / 16 * 16, img.height / 16 * 16),
-            };
-            if w < 16 || h < 16 {
-                return Err(too_small("the context image", img.width, img.height));
-            }
-            if (w, h) != (img.width, img.height) {
-                notes.push(format!(
-                    "context image resized from {}×{} to {w}×{h}",
-                    img.width, img.height
-                ));
-            }
-            Some(img.resize_lanczos(w, h))
+    let several = references.len() > 1;
+    let mut working = Vec::with_capacity(references.len());
+    for (k, &(iw, ih)) in references.iter().enumerate() {
+        let what = if several {
+            format!("context image {}", k + 1)
+        } else {
+            "context image".to_string()
+        };
+        let (w, h) = match opts.resize {
+            ResizePolicy::Preferred => preferred_resolution(iw, ih),
+            ResizePolicy::None => (iw / 16 * 16, ih / 16 * 16),
+        };
+        if w < 16 || h < 16 {
+            return Err(too_small(&format!("the {what}"), iw, ih));
         }
-    };
-    let (dw, dh) = context
-        .as_ref()
-        .map_or((DEFAULT_T2I_SIDE, DEFAULT_T2I_SIDE), |c| {
-            (c.width, c.height)
-        });
+        if (w, h) != (iw, ih) {
+            notes.push(format!("{what} resized from {iw}×{ih} to {w}×{h}"));
+        }
+        working.push((w, h));
+    }
+    let (dw, dh) = working
+        .first()
+        .copied()
+        .unwrap_or((DEFAULT_T2I_SIDE, DEFAULT_T2I_SIDE));
     let width = floor16(opts.width.unwrap_or(dw), "width", &mut notes);
     let height = floor16(opts.height.unwrap_or(dh), "height", &mut notes);
     if width < 16 || height < 16 {
@@ -149,12 +199,33 @@ pub fn plan(context: Option<&RgbImage>, opts: &EditOptions) -> Result<Plan> {
             "output {width}×{height} exceeds the {MAX_OUTPUT_SIDE}-pixel limit per side (Kontext works at about 1 MP)"
         )));
     }
-    Ok(Plan {
-        context,
+    let s = SizePlan {
+        references: working,
         width,
         height,
         notes,
-    })
+    };
+    let total = s.image_tokens();
+    if total > MAX_IMAGE_TOKENS {
+        let refs: Vec<String> = s
+            .references
+            .iter()
+            .map(|&(w, h)| format!("{w}×{h} ({} tokens)", (w / 16) * (h / 16)))
+            .collect();
+        let hint = match opts.resize {
+            ResizePolicy::None => {
+                "use smaller or fewer context images, or --resize preferred (about 1 MP each)"
+            }
+            ResizePolicy::Preferred => "use fewer context images or a smaller output",
+        };
+        return Err(EngineError::Config(format!(
+            "the output {width}×{height} ({} tokens) and the context images {} make {total} image tokens; \
+             the limit is {MAX_IMAGE_TOKENS} (one token per 16×16 pixels). HINT: {hint}",
+            (width / 16) * (height / 16),
+            refs.join(", ")
+        )));
+    }
+    Ok(s)
 }
 
 /// The starting noise `[C, H/8, W/8]` for an output of `width × height` (multiples of 16).
@@ -242,7 +313,7 @@ mod tests {
     #[test]
     fn preferred_snaps_and_output_follows_context() {
         let p = plan(Some(&img(1920, 1080)), &EditOptions::default()).unwrap();
-        let c = p.context.unwrap();
+        let c = &p.references[0];
         assert_eq!((c.width, c.height), (1392, 752));
         assert_eq!((p.width, p.height), (1392, 752));
         assert_eq!(p.notes.len(), 1);
@@ -283,6 +354,51 @@ mod tests {
             ..Default::default()
         };
         assert!(plan(None, &zero).is_err());
+    }
+
+    #[test]
+    fn references_are_snapped_one_by_one_and_the_output_follows_the_first() {
+        let (a, b) = (img(1920, 1080), img(300, 500));
+        let p = plan_references(&[&a, &b], &EditOptions::default()).unwrap();
+        let sizes: Vec<_> = p.references.iter().map(|r| (r.width, r.height)).collect();
+        assert_eq!(sizes, [(1392, 752), (800, 1328)]);
+        assert_eq!((p.width, p.height), (1392, 752));
+        assert!(
+            p.notes[1].contains("context image 2 resized from 300×500"),
+            "{:?}",
+            p.notes
+        );
+        let s = plan_sizes(&[(1920, 1080), (300, 500)], &EditOptions::default()).unwrap();
+        assert_eq!(s.image_tokens(), 2 * 87 * 47 + 50 * 83);
+        let none = EditOptions {
+            resize: ResizePolicy::None,
+            ..Default::default()
+        };
+        let e = plan_sizes(&[(64, 64), (300, 8)], &none).unwrap_err();
+        assert!(e.to_string().contains("context image 2 is 300×8"), "{e}");
+    }
+
+    #[test]
+    fn too_many_image_tokens_is_an_error_naming_every_size() {
+        let opts = EditOptions {
+            resize: ResizePolicy::None,
+            ..Default::default()
+        };
+        // One 4096² context with a 4096² output is the limit itself.
+        let at = plan_sizes(&[(4096, 4096)], &opts).unwrap();
+        assert_eq!(at.image_tokens(), MAX_IMAGE_TOKENS);
+        let e = plan_sizes(&[(4096, 4096), (32, 16)], &opts)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "4096×4096 (65536 tokens)",
+            "32×16 (2 tokens)",
+            "131074",
+            "--resize preferred",
+        ] {
+            assert!(e.contains(needle), "{needle:?} in {e}");
+        }
+        assert!(plan_sizes(&[(1024, 1024); 3], &EditOptions::default()).is_ok());
     }
 
     #[test]

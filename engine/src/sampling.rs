@@ -94,6 +94,76 @@ pub fn image_ids(rows: usize, cols: usize, index: f32) -> Vec<f32> {
     ids
 }
 
+/// [`image_ids`] of a grid whose first token sits at `(row0, col0)` (a placed reference).
+pub fn image_ids_at(rows: usize, cols: usize, index: f32, row0: usize, col0: usize) -> Vec<f32> {
+    let mut ids = Vec::with_capacity(rows * cols * 3);
+    for r in 0..rows {
+        for c in 0..cols {
+            ids.extend_from_slice(&[index, (row0 + r) as f32, (col0 + c) as f32]);
+        }
+    }
+    ids
+}
+
+/// Where several context images sit in RoPE position space. Kontext dev was trained with one
+/// context image; these are ComfyUI's two conventions for more (`comfy/ldm/flux/model.py`,
+/// `ref_latents_method`). With one reference both give the single-image ids `(1, r, c)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RefLayout {
+    /// ComfyUI's default ("offset"): every reference has axis 0 = 1; reference k is placed to
+    /// the right of or below the ones before it, so no two share a spatial position.
+    #[default]
+    Offset,
+    /// Reference k has axis 0 = k + 1 and no spatial offset.
+    Index,
+}
+
+impl RefLayout {
+    /// `"offset"` or `"index"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RefLayout::Offset => "offset",
+            RefLayout::Index => "index",
+        }
+    }
+}
+
+/// Axis 0 and the spatial offset `(rows, cols)` in patch units of each reference, in order.
+///
+/// Offset layout: a running extent `(h, w)` in latent pixels of what is placed so far; the next
+/// reference goes right of it (column offset `w`) when its height plus `h` exceeds its width plus
+/// `w`, else below it (row offset `h`), and the extent grows to cover it. Offsets are converted to
+/// 2×2 patches as `(off + 1) / 2`, ComfyUI's rounding (exact here: latent sizes are even).
+pub fn reference_placement(shapes: &[LatentShape], layout: RefLayout) -> Vec<(f32, usize, usize)> {
+    let (mut h, mut w) = (0usize, 0usize);
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(k, s)| match layout {
+            RefLayout::Index => ((k + 1) as f32, 0, 0),
+            RefLayout::Offset => {
+                let (dh, dw) = if s.height + h > s.width + w {
+                    (0, w)
+                } else {
+                    (h, 0)
+                };
+                h = h.max(s.height + dh);
+                w = w.max(s.width + dw);
+                (1.0, dh.div_ceil(2), dw.div_ceil(2))
+            }
+        })
+        .collect()
+}
+
+/// Position ids of all references in order, `[ΣNc, 3]` ([`reference_placement`]).
+pub fn reference_ids(shapes: &[LatentShape], layout: RefLayout) -> Vec<f32> {
+    let mut ids = Vec::new();
+    for (s, (index, row0, col0)) in shapes.iter().zip(reference_placement(shapes, layout)) {
+        ids.extend(image_ids_at(s.height / 2, s.width / 2, index, row0, col0));
+    }
+    ids
+}
+
 /// Text position ids: `[Lt, 3]` zeros.
 pub fn txt_ids(lt: usize) -> Vec<f32> {
     vec![0.0; lt * 3]
@@ -102,13 +172,13 @@ pub fn txt_ids(lt: usize) -> Vec<f32> {
 /// The image half of one Kontext forward (spec 2.4): target tokens then context tokens.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KontextImage {
-    /// `[Nx + Nc, 4C]`: packed target, then packed context.
+    /// `[Nx + Nc, 4C]`: packed target, then each packed context in order.
     pub img: Vec<f32>,
-    /// `[Nx + Nc, 3]`: target `(0, r, c)`, then context `(1, r, c)`.
+    /// `[Nx + Nc, 3]`: target `(0, r, c)`, then the contexts' ids ([`reference_ids`]).
     pub img_ids: Vec<f32>,
     /// Target tokens `Nx` (the rows the sampler keeps; also the schedule's sequence length).
     pub nx: usize,
-    /// Context tokens `Nc`.
+    /// Context tokens `Nc`, all references together.
     pub nc: usize,
 }
 
@@ -120,25 +190,43 @@ pub fn prepare_kontext(
     context: &[f32],
     context_shape: LatentShape,
 ) -> Result<KontextImage> {
-    if target_shape.channels != context_shape.channels {
-        return Err(EngineError::Input {
-            name: "context latent",
-            len: context_shape.channels,
-            expected: target_shape.channels,
-            shape: "channels equal to the target latent's".into(),
-        });
-    }
+    prepare_kontext_refs(
+        target,
+        target_shape,
+        &[(context, context_shape)],
+        RefLayout::Offset,
+    )
+}
+
+/// [`prepare_kontext`] with any number of context latents (`[C, h_k, w_k]` each, own sizes),
+/// appended in order and placed by `layout`.
+pub fn prepare_kontext_refs(
+    target: &[f32],
+    target_shape: LatentShape,
+    contexts: &[(&[f32], LatentShape)],
+    layout: RefLayout,
+) -> Result<KontextImage> {
     let mut img = pack(target, target_shape)?; // [Nx, 4C]
-    img.extend(pack(context, context_shape)?); // [Nx + Nc, 4C]
-    let (th, tw) = (target_shape.height / 2, target_shape.width / 2);
-    let (ch, cw) = (context_shape.height / 2, context_shape.width / 2);
-    let mut img_ids = image_ids(th, tw, 0.0); // [Nx, 3]
-    img_ids.extend(image_ids(ch, cw, 1.0)); // [Nx + Nc, 3]
+    let mut shapes = Vec::with_capacity(contexts.len());
+    for (latent, s) in contexts {
+        if s.channels != target_shape.channels {
+            return Err(EngineError::Input {
+                name: "context latent",
+                len: s.channels,
+                expected: target_shape.channels,
+                shape: "channels equal to the target latent's".into(),
+            });
+        }
+        img.extend(pack(latent, *s)?); // [Nx + Σ Nc_k, 4C]
+        shapes.push(*s);
+    }
+    let mut img_ids = image_ids(target_shape.height / 2, target_shape.width / 2, 0.0); // [Nx, 3]
+    img_ids.extend(reference_ids(&shapes, layout)); // [Nx + Nc, 3]
     Ok(KontextImage {
         img,
         img_ids,
         nx: target_shape.tokens(),
-        nc: context_shape.tokens(),
+        nc: shapes.iter().map(LatentShape::tokens).sum(),
     })
 }
 
@@ -230,5 +318,66 @@ mod tests {
         let pred: Vec<f32> = (0..18 * 8).map(|i| i as f32).collect();
         assert_eq!(target_rows(&pred, 12, 8).unwrap(), &pred[..96]);
         assert!(target_rows(&pred, 19, 8).is_err());
+    }
+
+    fn shape(height: usize, width: usize) -> LatentShape {
+        LatentShape {
+            channels: 1,
+            height,
+            width,
+        }
+    }
+
+    #[test]
+    fn offset_layout_places_each_reference_beside_the_ones_before_it() {
+        // Latent sizes (h, w): a 6×8, a tall 10×4, a wide 4×12. Extent after each: (6, 8) →
+        // tall: 10 + 6 > 4 + 8, so right at w = 8 → (10, 12) → wide: 4 + 10 > 12 + 12 is false,
+        // so below at h = 10. Patch units: offsets / 2.
+        let shapes = [shape(6, 8), shape(10, 4), shape(4, 12)];
+        let p = reference_placement(&shapes, RefLayout::Offset);
+        assert_eq!(p, vec![(1.0, 0, 0), (1.0, 0, 4), (1.0, 5, 0)]);
+        let ids = reference_ids(&shapes, RefLayout::Offset);
+        assert_eq!(ids.len(), (12 + 10 + 12) * 3);
+        let row = |i: usize| &ids[i * 3..i * 3 + 3];
+        assert_eq!(row(0), [1.0, 0.0, 0.0]);
+        assert_eq!(row(11), [1.0, 2.0, 3.0]);
+        assert_eq!(row(12), [1.0, 0.0, 4.0]); // second: 5 × 2 grid from column 4
+        assert_eq!(row(21), [1.0, 4.0, 5.0]);
+        assert_eq!(row(22), [1.0, 5.0, 0.0]); // third: 2 × 6 grid from row 5
+        assert_eq!(row(33), [1.0, 6.0, 5.0]);
+        // A square second reference of equal size goes below (ties go below).
+        let p = reference_placement(&[shape(4, 4), shape(4, 4)], RefLayout::Offset);
+        assert_eq!(p, vec![(1.0, 0, 0), (1.0, 2, 0)]);
+    }
+
+    #[test]
+    fn index_layout_counts_axis_0_and_one_reference_is_the_single_image_case() {
+        let shapes = [shape(6, 8), shape(10, 4), shape(4, 12)];
+        let p = reference_placement(&shapes, RefLayout::Index);
+        assert_eq!(p, vec![(1.0, 0, 0), (2.0, 0, 0), (3.0, 0, 0)]);
+        for layout in [RefLayout::Offset, RefLayout::Index] {
+            assert_eq!(reference_ids(&shapes[1..2], layout), image_ids(5, 2, 1.0));
+        }
+        let t = shape(4, 4);
+        let one = prepare_kontext(&[0.5; 16], t, &[1.0; 48], shape(6, 8)).unwrap();
+        let refs = prepare_kontext_refs(
+            &[0.5; 16],
+            t,
+            &[(&[1.0; 48], shape(6, 8)), (&[2.0; 40], shape(10, 4))],
+            RefLayout::Index,
+        )
+        .unwrap();
+        assert_eq!((refs.nx, refs.nc), (4, 22));
+        assert_eq!(refs.img[..one.img.len()], one.img[..]);
+        assert_eq!(refs.img_ids[..one.img_ids.len()], one.img_ids[..]);
+        assert!(refs.img[one.img.len()..].iter().all(|&v| v == 2.0));
+        assert_eq!(refs.img_ids[one.img_ids.len()..], image_ids(5, 2, 2.0)[..]);
+        let bad = LatentShape {
+            channels: 2,
+            ..shape(2, 2)
+        };
+        assert!(
+            prepare_kontext_refs(&[0.0; 16], t, &[(&[0.0; 8], bad)], RefLayout::Offset).is_err()
+        );
     }
 }

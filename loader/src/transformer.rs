@@ -186,8 +186,9 @@ fn split_block_index(canonical: &str) -> (String, Option<usize>) {
     (canonical.to_string(), None)
 }
 
-/// Source tensors of canonical `name` in a diffusers folder, with `d` = hidden size.
-fn diffusers_sources(name: &str, d: usize) -> Vec<Src> {
+/// Source tensors of canonical `name` in a diffusers folder, with `d` = hidden size. The LoRA
+/// loader maps diffusers module names through the same table ([`crate::lora`]).
+pub(crate) fn diffusers_sources(name: &str, d: usize) -> Vec<Src> {
     let (pattern, idx) = split_block_index(name);
     let i = idx.map(|i| i.to_string()).unwrap_or_default();
     let (stem, suffix) = match pattern.rsplit_once('.') {
