@@ -10,9 +10,12 @@ use kontext_engine::request::{
     plan_sizes, read_noise_file, EditOptions, NoiseSource, ResizePolicy,
 };
 use kontext_engine::sampling::RefLayout;
-use kontext_loader::{open_component, AnyComponent, ModelPaths, TransformerOptions};
+use kontext_loader::{open_component, AnyComponent, ModelPaths, ModelSources, TransformerOptions};
+use progress::{Reporter, Verbosity};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+mod progress;
 
 #[derive(Parser)]
 #[command(
@@ -34,11 +37,72 @@ enum Command {
     Inspect {
         /// A model folder (with model_index.json or component sub-folders), a component folder
         /// (transformer/, vae/, text_encoder/, text_encoder_2/) or a single .safetensors file.
-        path: PathBuf,
-        /// RoPE axes split for a single-file transformer whose head dim is not 128 (e.g. 4,6,6).
-        #[arg(long, value_delimiter = ',')]
-        axes_dim: Option<Vec<usize>>,
+        /// Or none, with the component flags: which file serves each part, and what it holds.
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        sources: SourceArgs,
     },
+}
+
+/// Where the model's parts are: a Hugging Face folder, component files, a ComfyUI install.
+#[derive(clap::Args, Clone, Default)]
+struct SourceArgs {
+    /// Model folder (as downloaded from black-forest-labs/FLUX.1-Kontext-dev). Optional when the
+    /// four component files and the tokenizers are given otherwise.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// The transformer as one file (bf16, fp16, f32, fp8, ComfyUI scaled fp8), e.g.
+    /// flux1-dev-kontext_fp8_scaled.safetensors; replaces --model's. With --comfyui a bare name
+    /// is looked up in models/diffusion_models/ (or models/unet/).
+    #[arg(long, alias = "diffusion_model", value_name = "FILE")]
+    diffusion_model: Option<PathBuf>,
+    /// The autoencoder file (ae.safetensors); with --comfyui a bare name is looked up in
+    /// models/vae/.
+    #[arg(long, value_name = "FILE")]
+    vae: Option<PathBuf>,
+    /// The CLIP-L text encoder file (clip_l.safetensors); with --comfyui a bare name is looked up
+    /// in models/text_encoders/ (or models/clip/).
+    #[arg(long, alias = "clip_l", value_name = "FILE")]
+    clip_l: Option<PathBuf>,
+    /// The T5-XXL encoder file (t5xxl_fp16.safetensors, t5xxl_fp8_e4m3fn_scaled.safetensors);
+    /// with --comfyui a bare name is looked up in models/text_encoders/ (or models/clip/).
+    #[arg(long, value_name = "FILE")]
+    t5xxl: Option<PathBuf>,
+    /// A folder holding the two tokenizers as the Hugging Face model has them: tokenizer/ (CLIP)
+    /// and tokenizer_2/ (T5).
+    #[arg(long, value_name = "DIR")]
+    tokenizers: Option<PathBuf>,
+    /// A ComfyUI install: bare component names are found in its models/ folders, and the
+    /// tokenizers it ships (comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer) are used.
+    #[arg(long, value_name = "DIR")]
+    comfyui: Option<PathBuf>,
+    /// RoPE axes split of a single-file transformer whose head dim is not 128 (e.g. 4,6,6; the
+    /// real model's 128 needs none).
+    #[arg(long, value_delimiter = ',')]
+    axes_dim: Option<Vec<usize>>,
+}
+
+impl SourceArgs {
+    fn sources(&self) -> ModelSources {
+        ModelSources {
+            model: self.model.clone(),
+            diffusion_model: self.diffusion_model.clone(),
+            vae: self.vae.clone(),
+            clip_l: self.clip_l.clone(),
+            t5xxl: self.t5xxl.clone(),
+            tokenizers: self.tokenizers.clone(),
+            comfyui: self.comfyui.clone(),
+        }
+    }
+
+    fn any_component(&self) -> bool {
+        self.diffusion_model.is_some()
+            || self.vae.is_some()
+            || self.clip_l.is_some()
+            || self.t5xxl.is_some()
+            || self.tokenizers.is_some()
+            || self.comfyui.is_some()
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -66,9 +130,8 @@ enum DeviceArg {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Model folder (as downloaded from black-forest-labs/FLUX.1-Kontext-dev).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    sources: SourceArgs,
     /// Context image to edit (PNG, JPEG, WebP); repeat for several, in order (the output size
     /// defaults to the first's). Without it, generate from the prompt alone.
     #[arg(long)]
@@ -109,6 +172,13 @@ struct RunArgs {
     /// Kontext files are recognised from their keys; a key that fits no layer is an error.
     #[arg(long, value_name = "FILE[:STRENGTH]", value_parser = LoraSpec::parse)]
     lora: Vec<LoraSpec>,
+    /// Make N images from one load, with seeds S, S+1, …: the output name takes `{seed}`
+    /// (out-{seed}.png), else gets -SEED before its extension.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    count: usize,
+    /// Print nothing but errors (no stages, no progress, no notes).
+    #[arg(long)]
+    quiet: bool,
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
@@ -117,9 +187,7 @@ struct RunArgs {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Inspect { path, axes_dim }) => {
-            inspect(&path, &TransformerOptions { axes_dim })
-        }
+        Some(Command::Inspect { path, sources }) => inspect(path.as_deref(), &sources),
         None => run(&cli.run),
     };
     if let Err(e) = result {
@@ -136,9 +204,15 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 fn run(args: &RunArgs) -> Result<()> {
-    let Some(model) = &args.model else {
-        bail!("--model DIR is required (or use `kontext-fast inspect PATH`); see --help");
-    };
+    let src = &args.sources;
+    if src.model.is_none() && !src.any_component() {
+        bail!(
+            "--model DIR is required, or the component files (--diffusion-model, --vae, --clip-l, \
+             --t5xxl) with the tokenizers (--tokenizers DIR or --comfyui DIR); see --help \
+             (or `kontext-fast inspect PATH`)"
+        );
+    }
+    let verbosity = Verbosity::detect(args.quiet);
     let Some(prompt) = &args.prompt else {
         bail!("--prompt is required");
     };
@@ -194,12 +268,13 @@ fn run(args: &RunArgs) -> Result<()> {
         info
     })
     .context("--device cuda")?;
+    let mut rep = Reporter::new(verbosity, device.name());
     if let Some(note) = note {
-        eprintln!("note: {note}");
+        rep.line(&format!("note: {note}"));
     }
     let gpu = gpu.filter(|_| device == Device::Cuda);
     if let Some(gpu) = &gpu {
-        eprintln!("note: running on {gpu}");
+        rep.line(&format!("note: running on {gpu}"));
     }
     let several = args.image.len() > 1;
     let references = args
@@ -259,80 +334,187 @@ fn run(args: &RunArgs) -> Result<()> {
     let sizes: Vec<(usize, usize)> = references.iter().map(|r| (r.width, r.height)).collect();
     plan_sizes(&sizes, &opts)?;
 
+    if args.count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let base_seed = match &opts.noise {
+        NoiseSource::Seed(seed) => Some(*seed),
+        NoiseSource::Tensor(_) if args.count > 1 => {
+            bail!("--count {} with --noise would make the same image {0} times; use --seed S (seeds S, S+1, …)", args.count)
+        }
+        NoiseSource::Tensor(_) => None,
+    };
+    let outputs: Vec<(PathBuf, Option<u64>)> = (0..args.count as u64)
+        .map(|i| {
+            let seed = base_seed.map(|s| s + i);
+            (output_name(output, seed, args.count), seed)
+        })
+        .collect();
+    for (out, _) in &outputs {
+        for image in &args.image {
+            if same_file(image, out) {
+                bail!(
+                    "{}: refusing to overwrite the input image; choose another --output",
+                    out.display()
+                );
+            }
+        }
+    }
+
     let t0 = Instant::now();
-    let paths = ModelPaths::discover(model)?;
+    let resolution = src.sources().resolve()?;
+    let mut paths = resolution.paths;
+    paths.axes_dim = src.axes_dim.clone();
+    // Parts that do not come from --model are named, so a run says which files it used.
+    for o in resolution.origins.iter().filter(|o| o.how != "--model") {
+        rep.line(&format!(
+            "note: {}: {} ({})",
+            o.part,
+            o.path.display(),
+            o.how
+        ));
+    }
     for l in &args.lora {
         if !l.path.is_file() {
             bail!("{}: no such LoRA file (--lora)", l.path.display());
         }
     }
+    let what = src
+        .model
+        .as_ref()
+        .map(|m| m.display().to_string())
+        .unwrap_or_else(|| "the model".to_string());
+    rep.line(&format!(
+        "loading {what} ({} of weights)",
+        human_bytes(weight_bytes(&paths))
+    ));
     let pipeline = Pipeline::load_with_loras(&paths, device, &args.lora).with_context(|| {
         let hint = match (device, requested) {
             (Device::Cuda, None) => " on the GPU (--device cpu runs on the CPU)",
             _ => "",
         };
-        format!("loading {}{hint}", model.display())
+        format!("loading {what}{hint}")
     })?;
     let load_time = t0.elapsed();
     for l in pipeline.loras() {
-        eprintln!(
+        rep.line(&format!(
             "LoRA {} ({}, {} layers) at strength {}",
             l.lora.path.display(),
             l.lora.format,
             l.lora.targets().len(),
             l.strength
+        ));
+    }
+    if references.len() > 1 {
+        rep.context = format!(
+            "{} context images ({} layout)",
+            references.len(),
+            layout.name()
         );
     }
-    let mut progress = |p: &Progress| match p {
-        Progress::EncodingText => eprintln!("encoding the prompt"),
-        Progress::EncodingImage => match references.len() {
-            1 => eprintln!("encoding the context image"),
-            n => eprintln!("encoding {n} context images ({} layout)", layout.name()),
-        },
-        Progress::Denoising { steps } => {
-            eprintln!("denoising: {steps} steps on {}", device.name())
-        }
-        Progress::Step { step, steps, took } => {
-            eprintln!("step {step:>3}/{steps}  {:>8.3} s", took.as_secs_f64())
-        }
-        Progress::Decoding => eprintln!("decoding"),
-    };
     let refs: Vec<&RgbImage> = references.iter().collect();
-    let out = pipeline.edit_references(&refs, layout, prompt, &opts, &mut progress)?;
-    for n in &out.notes {
-        eprintln!("note: {n}");
+    let mut written = Vec::new();
+    for (k, (out_path, seed)) in outputs.iter().enumerate() {
+        if outputs.len() > 1 {
+            rep.prefix = format!(
+                "image {}/{} (seed {}): ",
+                k + 1,
+                outputs.len(),
+                seed.unwrap_or(0)
+            );
+        }
+        let mut o = opts.clone();
+        if let Some(seed) = seed {
+            o.noise = NoiseSource::Seed(*seed);
+        }
+        let out = pipeline
+            .edit_references(&refs, layout, prompt, &o, &mut |p: &Progress| rep.report(p))?;
+        for n in &out.notes {
+            rep.line(&format!("note: {n}"));
+        }
+        out.image.save(out_path)?;
+        rep.line(&format!(
+            "wrote {} ({}×{})",
+            out_path.display(),
+            out.image.width,
+            out.image.height
+        ));
+        written.push((out_path.clone(), out));
     }
-    out.image.save(output)?;
-    eprintln!(
-        "wrote {} ({}×{})",
-        output.display(),
-        out.image.width,
-        out.image.height
-    );
     if args.json {
+        let (first_path, first) = &written[0];
         let mut timings = serde_json::Map::new();
         timings.insert("load".into(), load_time.as_secs_f64().into());
-        for (k, d) in &out.timings {
+        for (k, d) in &first.timings {
             timings.insert((*k).into(), d.as_secs_f64().into());
         }
         let summary = serde_json::json!({
-            "output": output,
-            "width": out.image.width,
-            "height": out.image.height,
+            "output": first_path,
+            "outputs": written.iter().map(|(p, o)| serde_json::json!({"output": p, "seed": o.seed})).collect::<Vec<_>>(),
+            "width": first.image.width,
+            "height": first.image.height,
             "context": references.first().map(|c| serde_json::json!({"width": c.width, "height": c.height})),
             "references": references.iter().map(|c| serde_json::json!({"width": c.width, "height": c.height})).collect::<Vec<_>>(),
             "ref_layout": layout.name(),
-            "seed": out.seed,
+            "seed": first.seed,
             "steps": opts.steps,
             "guidance": opts.guidance,
             "device": device.name(),
             "gpu": gpu,
-            "notes": out.notes,
+            "parts": resolution.origins.iter().map(|o| serde_json::json!({"part": o.part, "path": o.path, "from": o.how})).collect::<Vec<_>>(),
+            "notes": first.notes,
             "seconds": timings,
         });
         println!("{summary}");
     }
     Ok(())
+}
+
+/// The file of one image of `count`: `{seed}` in the name is replaced; else, for several
+/// images, `-SEED` goes before the extension.
+fn output_name(output: &Path, seed: Option<u64>, count: usize) -> PathBuf {
+    let name = output.to_string_lossy();
+    match seed {
+        Some(seed) if name.contains("{seed}") => {
+            PathBuf::from(name.replace("{seed}", &seed.to_string()))
+        }
+        Some(seed) if count > 1 => {
+            let stem = output
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let ext = output
+                .extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            output.with_file_name(format!("{stem}-{seed}.{ext}"))
+        }
+        _ => output.to_path_buf(),
+    }
+}
+
+/// Bytes of the weight files behind the resolved parts (what loading maps).
+fn weight_bytes(paths: &ModelPaths) -> u64 {
+    fn size(p: &Path) -> u64 {
+        if p.is_dir() {
+            std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                        .sum()
+                })
+                .unwrap_or(0)
+        } else {
+            std::fs::metadata(p).map_or(0, |m| m.len())
+        }
+    }
+    [&paths.transformer, &paths.vae, &paths.t5, &paths.clip]
+        .iter()
+        .filter_map(|p| p.as_deref())
+        .map(size)
+        .sum()
 }
 
 fn human_bytes(bytes: u64) -> String {
@@ -364,25 +546,66 @@ fn print_component(label: &str, path: &Path, c: &AnyComponent) {
     );
 }
 
-fn inspect(path: &Path, opts: &TransformerOptions) -> Result<()> {
-    if !path.exists() {
-        bail!("{}: no such file or folder", path.display());
+fn inspect(path: Option<&Path>, src: &SourceArgs) -> Result<()> {
+    let opts = TransformerOptions {
+        axes_dim: src.axes_dim.clone(),
+    };
+    let mut src = src.clone();
+    if let Some(path) = path {
+        if !path.exists() {
+            bail!("{}: no such file or folder", path.display());
+        }
+        let is_model_folder = path.is_dir()
+            && (path.join("model_index.json").is_file()
+                || ["transformer", "vae", "text_encoder", "text_encoder_2"]
+                    .iter()
+                    .any(|d| path.join(d).is_dir())
+                || path.join("ae.safetensors").is_file());
+        if !is_model_folder {
+            let c = open_component(path, &opts)?;
+            print_component("component", path, &c);
+            return Ok(());
+        }
+        if src.model.is_some() {
+            bail!("give the model folder once: as PATH or as --model");
+        }
+        src.model = Some(path.to_path_buf());
+    } else if src.model.is_none() && !src.any_component() {
+        bail!("inspect needs a PATH, or --model / the component flags (see --help)");
     }
-    let is_model_folder = path.is_dir()
-        && (path.join("model_index.json").is_file()
-            || ["transformer", "vae", "text_encoder", "text_encoder_2"]
-                .iter()
-                .any(|d| path.join(d).is_dir())
-            || path.join("ae.safetensors").is_file());
-    if !is_model_folder {
-        let c = open_component(path, opts)?;
-        print_component("component", path, &c);
-        return Ok(());
+    let what = src
+        .model
+        .as_ref()
+        .map(|m| m.display().to_string())
+        .unwrap_or_else(|| "the model".into());
+    // Discovery first: its own errors (an empty folder, pickle weights) read best alone.
+    if let Some(m) = &src.model {
+        ModelPaths::discover(m).with_context(|| format!("inspecting {}", m.display()))?;
     }
-    let paths =
-        ModelPaths::discover(path).with_context(|| format!("inspecting {}", path.display()))?;
-    println!("model folder: {}", path.display());
     let mut failures = Vec::new();
+    let resolution = match src.sources().resolve() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            failures.push(e.to_string());
+            None
+        }
+    };
+    if let Some(m) = &src.model {
+        println!("model folder: {}", m.display());
+    }
+    let Some(resolution) = resolution else {
+        bail!("{}", failures.join("\n"));
+    };
+    let paths = resolution.paths;
+    let from = |part: &str| {
+        resolution
+            .origins
+            .iter()
+            .find(|o| o.part == part && o.how != "--model")
+            .map(|o| format!(" [from {}]", o.how))
+            .unwrap_or_default()
+    };
+    let path = Path::new(&what);
     let parts = [
         ("transformer", &paths.transformer),
         ("vae", &paths.vae),
@@ -395,8 +618,8 @@ fn inspect(path: &Path, opts: &TransformerOptions) -> Result<()> {
                 println!("{label}: not found");
                 failures.push(format!("{label}: not found in {}", path.display()));
             }
-            Some(p) => match open_component(p, opts) {
-                Ok(c) => print_component(label, p, &c),
+            Some(p) => match open_component(p, &opts) {
+                Ok(c) => print_component(&format!("{label}{}", from(label)), p, &c),
                 Err(e) => {
                     println!("{label}: {}: FAILED", p.display());
                     failures.push(format!("{label}: {e}"));
@@ -409,7 +632,7 @@ fn inspect(path: &Path, opts: &TransformerOptions) -> Result<()> {
         ("t5 tokenizer", &paths.t5_tokenizer),
     ] {
         match p {
-            Some(p) => println!("{label}: {}", p.display()),
+            Some(p) => println!("{label}: {}{}", p.display(), from(label)),
             None => {
                 println!("{label}: not found");
                 failures.push(format!("{label}: not found in {}", path.display()));

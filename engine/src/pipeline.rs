@@ -160,7 +160,9 @@ impl<B: EncoderBackend + Clone> Models<B> {
         };
         let transformer = load_transformer(
             &need(&paths.transformer, "transformer")?,
-            &TransformerOptions::default(),
+            &TransformerOptions {
+                axes_dim: paths.axes_dim.clone(),
+            },
         )?;
         let vae = load_vae(
             &need(&paths.vae, "autoencoder (vae/ or ae.safetensors)")?,

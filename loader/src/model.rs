@@ -24,6 +24,9 @@ pub struct ModelPaths {
     pub t5_tokenizer: Option<PathBuf>,
     /// `scheduler/scheduler_config.json` (the schedule's shift parameters).
     pub scheduler: Option<PathBuf>,
+    /// The RoPE axes split of a single-file transformer whose head dim is not 128 (a file has
+    /// no config; `--axes-dim`).
+    pub axes_dim: Option<Vec<usize>>,
 }
 
 fn has_safetensors(dir: &Path) -> bool {
@@ -75,6 +78,7 @@ impl ModelPaths {
             clip_tokenizer: tok("tokenizer"),
             t5_tokenizer: tok("tokenizer_2"),
             scheduler: Some(root.join("scheduler/scheduler_config.json")).filter(|p| p.is_file()),
+            axes_dim: None,
         };
         // A component folder without safetensors (PyTorch .bin or nothing) would otherwise read
         // as "not found"; say what is there instead.
