@@ -6,18 +6,13 @@
 //! - [`sampling`]: packing and Kontext ids (spec 2.3, 2.4, 3.2).
 //! - [`check`]: the comparison helper and its tolerances.
 
+// Rooms: model/ (Flux, its layers, the autoencoder, T5, CLIP, LoRA), backend/ (the op sets,
+// the CPU reference, CUDA, weights as the backends take them); the pipeline and what a request
+// needs (request, sampling, schedule, noise, image, tokenizer) beside them.
 pub mod backend;
 pub mod check;
-pub mod clip;
-pub mod cpu;
-pub mod cpu_encoder;
-pub mod cuda;
-pub mod cuda_encoder;
-pub mod encoder_backend;
 pub mod error;
 pub mod image;
-pub mod layers;
-pub mod lora;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
@@ -25,10 +20,11 @@ pub mod random;
 pub mod request;
 pub mod sampling;
 pub mod schedule;
-pub mod t5;
 pub mod tokenizer;
-pub mod vae;
-pub mod weights;
+
+// Each module keeps its path from the crate root (kontext_engine::layers, ::cpu, …).
+pub use backend::{cpu, cpu_encoder, cuda, cuda_encoder, encoder_backend, weights};
+pub use model::{clip, layers, lora, t5, vae};
 
 pub use backend::Backend;
 pub use cpu::{CpuBackend, CpuLinear, CpuTensor};
