@@ -4,6 +4,10 @@
 //! pipeline, a new strength and the LoRA dropped, with nothing reloaded. Last, fp8 weights: the
 //! side product and a merge-and-requantise, each against the f32 merge.
 
+mod common;
+
+use common::{assert_pixels_match, fixtures, read_all};
+
 use kontext_engine::backend::Backend;
 use kontext_engine::check::{compare, tol, Comparison};
 use kontext_engine::cpu::CpuBackend;
@@ -12,37 +16,14 @@ use kontext_engine::lora::{ActiveLora, LoraSpec};
 use kontext_engine::pipeline::{Device, Pipeline};
 use kontext_engine::request::{read_noise_file, EditOptions, NoiseSource, ResizePolicy};
 use kontext_engine::weights::{quantise_e4m3, HostWeight, StoredPart, StoredWeight};
-use kontext_loader::{load_lora, DType, LoraFormat, ModelPaths, TensorSet};
+use kontext_loader::{load_lora, DType, LoraFormat, ModelPaths};
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
-}
-
-fn read_all(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let set = TensorSet::open(path).unwrap();
-    set.keys()
-        .map(|k| {
-            let mut v = Vec::new();
-            let info = set.info(k).unwrap();
-            kontext_loader::dtype::decode_into(
-                info.dtype,
-                set.bytes(k).unwrap().as_slice(),
-                1.0,
-                &mut v,
-            );
-            (k.clone(), v)
-        })
-        .collect()
-}
-
 /// Same pixel rule as `pipeline_e2e.rs`: f32 against f32 can flip a value on a rounding
 /// boundary by one level, rarely.
-const MAX_LEVELS: i32 = 1;
-const MAX_FRACTION_OFF: f64 = 0.005;
 
 fn pipeline() -> Pipeline {
     let paths = ModelPaths::discover(&fixtures().join("pipeline/tiny-kontext")).unwrap();
@@ -87,23 +68,7 @@ fn check_edit(p: &Pipeline, what: &str, latents: [&[f32]; 2], png: &Path) {
         assert!(cmp.passes(), "{what}: {mine} out of tolerance");
     }
     let expected = RgbImage::open(png).unwrap();
-    let diffs: Vec<i32> = out
-        .image
-        .pixels
-        .iter()
-        .zip(&expected.pixels)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let worst = *diffs.iter().max().unwrap();
-    let off = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
-    println!(
-        "{what}: pixels max {worst} level(s) off, {:.3} % differ",
-        off * 100.0
-    );
-    assert!(
-        worst <= MAX_LEVELS && off <= MAX_FRACTION_OFF,
-        "{what}: max {worst}, {off}"
-    );
+    assert_pixels_match(what, &out.image, &expected);
 }
 
 const FORMATS: [(&str, LoraFormat); 5] = [

@@ -3,39 +3,22 @@
 //! `FluxKontextPipeline`'s own loop, two and three references of different sizes; compared stage
 //! by stage and pixel by pixel with the tolerances of `pipeline_e2e.rs`.
 
+mod common;
+
+use common::{assert_pixels_match, fixtures, read_all};
+
 use kontext_engine::check::{compare, tol, Comparison};
 use kontext_engine::cuda::CudaBackend;
 use kontext_engine::image::RgbImage;
 use kontext_engine::pipeline::{Device, Models, Pipeline, Progress};
 use kontext_engine::request::{read_noise_file, EditOptions, NoiseSource, ResizePolicy};
 use kontext_engine::sampling::RefLayout;
-use kontext_loader::{ModelPaths, TensorSet};
+use kontext_loader::ModelPaths;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
-}
+use std::path::PathBuf;
 
 fn dir() -> PathBuf {
     fixtures().join("multiref")
-}
-
-fn read_all(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let set = TensorSet::open(path).unwrap();
-    set.keys()
-        .map(|k| {
-            let mut v = Vec::new();
-            let info = set.info(k).unwrap();
-            kontext_loader::dtype::decode_into(
-                info.dtype,
-                set.bytes(k).unwrap().as_slice(),
-                1.0,
-                &mut v,
-            );
-            (k.clone(), v)
-        })
-        .collect()
 }
 
 fn meta() -> serde_json::Value {
@@ -57,8 +40,6 @@ fn layout(name: &str) -> RefLayout {
 
 /// The same as `pipeline_e2e.rs`: f32 against f32 can only flip a value sitting on a rounding
 /// boundary, by one level.
-const MAX_LEVELS: i32 = 1;
-const MAX_FRACTION_OFF: f64 = 0.005;
 
 fn run_case(p: &Pipeline, case: &str) {
     let m = meta();
@@ -113,27 +94,7 @@ fn run_case(p: &Pipeline, case: &str) {
         );
     }
     let expected = RgbImage::open(&dir().join(format!("{case}_expected.png"))).unwrap();
-    assert_eq!(
-        (out.image.width, out.image.height),
-        (expected.width, expected.height)
-    );
-    let diffs: Vec<i32> = out
-        .image
-        .pixels
-        .iter()
-        .zip(&expected.pixels)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let worst = *diffs.iter().max().unwrap();
-    let off = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
-    println!(
-        "{case}: pixels: max {worst} level(s) off, {:.3} % of values differ",
-        off * 100.0
-    );
-    assert!(
-        worst <= MAX_LEVELS && off <= MAX_FRACTION_OFF,
-        "{case}: max {worst}, {off}"
-    );
+    assert_pixels_match(&case, &out.image, &expected);
 }
 
 #[test]

@@ -2,37 +2,23 @@
 //! the tiny random pipeline saved with `save_pretrained`, an edit of a real photo and a
 //! text-to-image, both from injected noise, compared stage by stage and pixel by pixel.
 
+mod common;
+
+use common::{assert_pixels_match, read_all};
+
 use kontext_engine::check::{compare, tol, Comparison};
 use kontext_engine::image::RgbImage;
 use kontext_engine::pipeline::{Device, Pipeline};
 use kontext_engine::request::{read_noise_file, EditOptions, NoiseSource, ResizePolicy};
-use kontext_loader::{ModelPaths, TensorSet};
+use kontext_loader::ModelPaths;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn dir() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../tests/fixtures/pipeline"
     ))
-}
-
-fn read_all(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let set = TensorSet::open(path).unwrap();
-    set.keys()
-        .filter(|k| set.info(k).unwrap().dtype.is_float())
-        .map(|k| {
-            let mut v = Vec::new();
-            let info = set.info(k).unwrap();
-            kontext_loader::dtype::decode_into(
-                info.dtype,
-                set.bytes(k).unwrap().as_slice(),
-                1.0,
-                &mut v,
-            );
-            (k.clone(), v)
-        })
-        .collect()
 }
 
 fn meta() -> serde_json::Value {
@@ -43,8 +29,6 @@ fn meta() -> serde_json::Value {
 /// differ by ~1e-6 relative in the decoder output, which can only flip a value sitting on a
 /// rounding boundary, by one level. So: no pixel more than 1 level off, and at most 0.5 % of
 /// values off at all (measured: 0.07 % edit, 0.02 % text-to-image).
-const MAX_LEVELS: i32 = 1;
-const MAX_FRACTION_OFF: f64 = 0.005;
 
 fn run_case(pipeline: &Pipeline, case: &str, noise: NoiseSource) {
     let m = meta();
@@ -100,27 +84,7 @@ fn run_case(pipeline: &Pipeline, case: &str, noise: NoiseSource) {
     );
 
     let expected = RgbImage::open(&dir().join(format!("{case}_expected.png"))).unwrap();
-    assert_eq!(
-        (out.image.width, out.image.height),
-        (expected.width, expected.height)
-    );
-    let diffs: Vec<i32> = out
-        .image
-        .pixels
-        .iter()
-        .zip(&expected.pixels)
-        .map(|(&a, &b)| (a as i32 - b as i32).abs())
-        .collect();
-    let worst = *diffs.iter().max().unwrap();
-    let off = diffs.iter().filter(|&&d| d > 0).count() as f64 / diffs.len() as f64;
-    println!(
-        "{case}: pixels: max {worst} level(s) off, {:.3} % of values differ",
-        off * 100.0
-    );
-    assert!(
-        worst <= MAX_LEVELS && off <= MAX_FRACTION_OFF,
-        "{case}: max {worst}, {off}"
-    );
+    assert_pixels_match(&case, &out.image, &expected);
 }
 
 fn pipeline() -> Pipeline {
