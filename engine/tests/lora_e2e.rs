@@ -22,9 +22,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Same pixel rule as `pipeline_e2e.rs`: f32 against f32 can flip a value on a rounding
-/// boundary by one level, rarely.
-
 fn pipeline() -> Pipeline {
     let paths = ModelPaths::discover(&fixtures().join("pipeline/tiny-kontext")).unwrap();
     Pipeline::load(&paths, Device::Cpu).unwrap()

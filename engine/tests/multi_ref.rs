@@ -38,9 +38,6 @@ fn layout(name: &str) -> RefLayout {
     }
 }
 
-/// The same as `pipeline_e2e.rs`: f32 against f32 can only flip a value sitting on a rounding
-/// boundary, by one level.
-
 fn run_case(p: &Pipeline, case: &str) {
     let m = meta();
     let c = &m["cases"][case];
@@ -94,7 +91,7 @@ fn run_case(p: &Pipeline, case: &str) {
         );
     }
     let expected = RgbImage::open(&dir().join(format!("{case}_expected.png"))).unwrap();
-    assert_pixels_match(&case, &out.image, &expected);
+    assert_pixels_match(case, &out.image, &expected);
 }
 
 #[test]

@@ -25,11 +25,6 @@ fn meta() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("meta.json")).unwrap()).unwrap()
 }
 
-/// Pixel tolerance against diffusers' PNG (`round(255·v)`): the f32 engine and f32 diffusers
-/// differ by ~1e-6 relative in the decoder output, which can only flip a value sitting on a
-/// rounding boundary, by one level. So: no pixel more than 1 level off, and at most 0.5 % of
-/// values off at all (measured: 0.07 % edit, 0.02 % text-to-image).
-
 fn run_case(pipeline: &Pipeline, case: &str, noise: NoiseSource) {
     let m = meta();
     let c = &m["cases"][case];
@@ -84,7 +79,7 @@ fn run_case(pipeline: &Pipeline, case: &str, noise: NoiseSource) {
     );
 
     let expected = RgbImage::open(&dir().join(format!("{case}_expected.png"))).unwrap();
-    assert_pixels_match(&case, &out.image, &expected);
+    assert_pixels_match(case, &out.image, &expected);
 }
 
 fn pipeline() -> Pipeline {

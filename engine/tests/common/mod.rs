@@ -1,15 +1,106 @@
-//! What the end-to-end tests against diffusers share: the fixtures, decoding a stages file, and
-//! the image tolerance of the pipeline test.
+//! Shared by the op tests (`cpu_ops`, `encoder_ops`): random inputs, host weights, the f32
+//! comparison that prints one table row per case, and the naive f64 formulas the ops are checked
+//! against; and by the end-to-end tests against diffusers (`pipeline_e2e`, `multi_ref`,
+//! `lora_e2e`): the fixtures, decoding a stages file, the image tolerance.
 
-#![allow(dead_code)] // each test file uses its part
+#![allow(dead_code)]
 
+use kontext_engine::check::{compare, tol};
 use kontext_engine::image::RgbImage;
+use kontext_engine::random::Rng;
+use kontext_engine::{CpuTensor, HostWeight};
 use kontext_loader::TensorSet;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// Diffusers' images against ours: at most one level off, on at most 0.5 % of the values (f32
-/// on both sides; the rounding of the last step's pixels may land either side).
+/// `[rows, cols]` of N(0, 1) values, fresh from `rng`.
+pub fn rand(rng: &mut Rng, rows: usize, cols: usize) -> CpuTensor {
+    CpuTensor::new(rows, cols, rng.normals(rows * cols)).expect("shape")
+}
+
+/// A host weight of `shape`.
+pub fn host(shape: &[usize], data: Vec<f32>) -> HostWeight {
+    HostWeight {
+        shape: shape.to_vec(),
+        data,
+    }
+}
+
+/// Compares at the f32 tolerance, printing the row, and fails with the op's name.
+pub fn assert_close(op: &str, out: &[f32], reference: &[f64]) {
+    let r: Vec<f32> = reference.iter().map(|&v| v as f32).collect();
+    let c = compare(out, &r, tol::F32);
+    println!("{op:<52} {}", c.row());
+    assert!(c.passes(), "{op}: {c:?}");
+}
+
+/// `x·σ(x)`.
+pub fn silu_ref(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+/// GELU, tanh form: `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+pub fn gelu_tanh_ref(v: f64) -> f64 {
+    0.5 * v * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v * v * v)).tanh())
+}
+
+/// One row normalised by LayerNorm (biased variance), before the affine.
+pub fn ln_ref(x: &[f32], eps: f64) -> Vec<f64> {
+    let d = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / d;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d;
+    x.iter()
+        .map(|&v| (v as f64 - mean) / (var + eps).sqrt())
+        .collect()
+}
+
+/// One row normalised by RMSNorm, before the scale.
+pub fn rms_ref(x: &[f32], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len() as f64;
+    x.iter().map(|&v| v as f64 / (ms + eps).sqrt()).collect()
+}
+
+/// Multi-head attention on `qkv [L, W]` (q, k, v at columns `[0, D)`, `[D, 2D)`, `[2D, 3D)`):
+/// `softmax(scale · q·kᵀ + bias_h)·v` per head over keys `j ≤ i` when `causal`, else all keys;
+/// `bias [H·L, L]`. Returns `[L, D]`.
+pub fn attention_ref(
+    qkv: &CpuTensor,
+    (nh, hd): (usize, usize),
+    scale: f64,
+    bias: Option<&CpuTensor>,
+    causal: bool,
+) -> Vec<f64> {
+    let (l, w, d) = (qkv.rows, qkv.cols, nh * hd);
+    let at = |t: usize, c: usize| qkv.data[t * w + c] as f64;
+    let mut r = vec![0f64; l * d];
+    for h in 0..nh {
+        for i in 0..l {
+            let keys = if causal { i + 1 } else { l };
+            let s: Vec<f64> = (0..keys)
+                .map(|j| {
+                    let dot: f64 = (0..hd)
+                        .map(|e| at(i, h * hd + e) * at(j, d + h * hd + e))
+                        .sum();
+                    scale * dot + bias.map_or(0.0, |b| b.data[(h * l + i) * l + j] as f64)
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for t in 0..hd {
+                r[i * d + h * hd + t] = (0..keys)
+                    .map(|j| e[j] / z * at(j, 2 * d + h * hd + t))
+                    .sum();
+            }
+        }
+    }
+    r
+}
+
+/// Pixel tolerance against diffusers' PNG (`round(255·v)`): the f32 engine and f32 diffusers
+/// differ by ~1e-6 relative in the decoder output, which can only flip a value sitting on a
+/// rounding boundary, by one level. So: no pixel more than 1 level off, and at most 0.5 % of
+/// values off at all (measured: 0.07 % edit, 0.02 % text-to-image).
 pub const MAX_LEVELS: i32 = 1;
 pub const MAX_FRACTION_OFF: f64 = 0.005;
 
