@@ -230,30 +230,11 @@ fn run(args: &RunArgs) -> Result<()> {
             output.display()
         );
     }
-    let out_dir = output
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !out_dir.is_dir() {
+    if args.count == 0 || args.count > MAX_COUNT {
         bail!(
-            "{}: folder {} does not exist",
-            output.display(),
-            out_dir.display()
+            "--count {}: give 1 to {MAX_COUNT} images per run",
+            args.count
         );
-    }
-    if output.is_dir() {
-        bail!(
-            "{}: is a folder; --output names the image file to write",
-            output.display()
-        );
-    }
-    for image in &args.image {
-        if same_file(image, output) {
-            bail!(
-                "{}: refusing to overwrite the input image; choose another --output",
-                output.display()
-            );
-        }
     }
     let requested = args.device.map(|d| match d {
         DeviceArg::Cuda => Device::Cuda,
@@ -334,9 +315,6 @@ fn run(args: &RunArgs) -> Result<()> {
     let sizes: Vec<(usize, usize)> = references.iter().map(|r| (r.width, r.height)).collect();
     plan_sizes(&sizes, &opts)?;
 
-    if args.count == 0 {
-        bail!("--count must be at least 1");
-    }
     let base_seed = match &opts.noise {
         NoiseSource::Seed(seed) => Some(*seed),
         NoiseSource::Tensor(_) if args.count > 1 => {
@@ -346,19 +324,21 @@ fn run(args: &RunArgs) -> Result<()> {
     };
     let outputs: Vec<(PathBuf, Option<u64>)> = (0..args.count as u64)
         .map(|i| {
-            let seed = base_seed.map(|s| s + i);
-            (output_name(output, seed, args.count), seed)
+            let seed = match base_seed {
+                Some(s) => Some(s.checked_add(i).with_context(|| {
+                    format!(
+                        "--seed {s} with --count {}: the seeds pass 2^64 − 1",
+                        args.count
+                    )
+                })?),
+                None => None,
+            };
+            Ok((output_name(output, seed, args.count), seed))
         })
-        .collect();
+        .collect::<Result<_>>()?;
+    // Every file is checked (a `{seed}` may sit in a folder name) before minutes of work.
     for (out, _) in &outputs {
-        for image in &args.image {
-            if same_file(image, out) {
-                bail!(
-                    "{}: refusing to overwrite the input image; choose another --output",
-                    out.display()
-                );
-            }
-        }
+        check_output(out, &args.image)?;
     }
 
     let t0 = Instant::now();
@@ -414,6 +394,7 @@ fn run(args: &RunArgs) -> Result<()> {
     }
     let refs: Vec<&RgbImage> = references.iter().collect();
     let mut written = Vec::new();
+    let mut first = None;
     for (k, (out_path, seed)) in outputs.iter().enumerate() {
         if outputs.len() > 1 {
             rep.prefix = format!(
@@ -439,10 +420,14 @@ fn run(args: &RunArgs) -> Result<()> {
             out.image.width,
             out.image.height
         ));
-        written.push((out_path.clone(), out));
+        // Only what the summary needs is kept: N images must not hold N images in memory.
+        written.push((out_path.clone(), out.seed));
+        if first.is_none() {
+            first = Some(out);
+        }
     }
-    if args.json {
-        let (first_path, first) = &written[0];
+    if let (true, Some(first)) = (args.json, first) {
+        let first_path = &written[0].0;
         let mut timings = serde_json::Map::new();
         timings.insert("load".into(), load_time.as_secs_f64().into());
         for (k, d) in &first.timings {
@@ -450,7 +435,7 @@ fn run(args: &RunArgs) -> Result<()> {
         }
         let summary = serde_json::json!({
             "output": first_path,
-            "outputs": written.iter().map(|(p, o)| serde_json::json!({"output": p, "seed": o.seed})).collect::<Vec<_>>(),
+            "outputs": written.iter().map(|(p, seed)| serde_json::json!({"output": p, "seed": seed})).collect::<Vec<_>>(),
             "width": first.image.width,
             "height": first.image.height,
             "context": references.first().map(|c| serde_json::json!({"width": c.width, "height": c.height})),
@@ -466,6 +451,40 @@ fn run(args: &RunArgs) -> Result<()> {
             "seconds": timings,
         });
         println!("{summary}");
+    }
+    Ok(())
+}
+
+/// The most images one run makes (`--count`).
+const MAX_COUNT: usize = 100_000;
+
+/// An output file the run may write: PNG or JPEG, in a folder that exists, not a folder, not an
+/// input image.
+fn check_output(output: &Path, images: &[PathBuf]) -> Result<()> {
+    let out_dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !out_dir.is_dir() {
+        bail!(
+            "{}: folder {} does not exist",
+            output.display(),
+            out_dir.display()
+        );
+    }
+    if output.is_dir() {
+        bail!(
+            "{}: is a folder; --output names the image file to write",
+            output.display()
+        );
+    }
+    for image in images {
+        if same_file(image, output) {
+            bail!(
+                "{}: refusing to overwrite the input image; choose another --output",
+                output.display()
+            );
+        }
     }
     Ok(())
 }

@@ -286,3 +286,51 @@ fn count_makes_several_images_from_one_load_and_quiet_says_nothing() {
         "{stderr}"
     );
 }
+
+#[test]
+fn count_and_seed_mistakes_are_clear_errors_and_seed_folders_work() {
+    let d = tempfile::tempdir().unwrap();
+    let image = fixtures().join("context.png");
+    let model = fixtures().join("tiny-kontext");
+    let out = d.path().join("o.png");
+    let one_error = |r: &Output, needle: &str| {
+        let stderr = String::from_utf8_lossy(&r.stderr);
+        assert!(
+            !r.status.success() && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+        assert!(
+            errors.len() == 1 && errors[0].contains(needle),
+            "{needle}: {stderr}"
+        );
+    };
+    let r = run(&edit_args(
+        s(&out),
+        s(&image),
+        &["--model", s(&model), "--count", "100000000000"],
+    ));
+    one_error(&r, "give 1 to 100000 images per run");
+    let mut args = edit_args(s(&out), s(&image), &["--model", s(&model), "--count", "2"]);
+    let i = args.iter().position(|a| *a == "42").unwrap();
+    args[i] = "18446744073709551615";
+    one_error(&run(&args), "the seeds pass 2^64 − 1");
+    // `{seed}` in a folder name: every folder must exist, and each image lands in its own.
+    for seed in ["42", "43"] {
+        std::fs::create_dir(d.path().join(seed)).unwrap();
+    }
+    let pattern = d.path().join("{seed}").join("o.png");
+    let r = run(&edit_args(
+        s(&pattern),
+        s(&image),
+        &["--model", s(&model), "--count", "2"],
+    ));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(d.path().join("42/o.png").is_file() && d.path().join("43/o.png").is_file());
+    let r = run(&edit_args(
+        s(&pattern),
+        s(&image),
+        &["--model", s(&model), "--count", "3"],
+    ));
+    one_error(&r, "44 does not exist");
+}

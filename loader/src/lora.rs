@@ -367,6 +367,13 @@ fn metadata_alpha(set: &TensorSet) -> std::result::Result<Option<f32>, String> {
                     return Err(format!("metadata {key} has a per-module {pattern}, which is not supported; only one lora_alpha for all modules"));
                 }
             }
+            // rsLoRA scales by alpha/√rank, not alpha/rank: applying it as plain LoRA would be
+            // silently wrong.
+            if field("use_rslora").and_then(|v| v.as_bool()) == Some(true) {
+                return Err(format!(
+                    "metadata {key} says use_rslora (scale alpha/√rank), which is not supported"
+                ));
+            }
             if let Some(a) = field("lora_alpha").and_then(|a| a.as_f64()) {
                 return Ok(Some(a as f32));
             }

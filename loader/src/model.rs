@@ -50,6 +50,13 @@ impl ModelPaths {
     /// its root (`flux1-kontext-dev.safetensors`, `ae.safetensors`). The sub-folder wins when
     /// both are present (they hold the same weights).
     pub fn discover(root: &Path) -> Result<ModelPaths> {
+        ModelPaths::discover_except(root, &[])
+    }
+
+    /// [`ModelPaths::discover`], without the complaint about the sub-folders in `replaced`
+    /// (`"transformer"`, `"vae"`, `"text_encoder"`, `"text_encoder_2"`): parts another file
+    /// supplies (`--diffusion-model` beside a folder whose `transformer/` holds no weights).
+    pub fn discover_except(root: &Path, replaced: &[&str]) -> Result<ModelPaths> {
         if !root.is_dir() {
             return Err(LoadError::UnknownLayout {
                 path: root.to_path_buf(),
@@ -90,7 +97,7 @@ impl ModelPaths {
         ];
         for (name, found) in parts {
             let dir = root.join(name);
-            if found.is_none() && dir.is_dir() {
+            if found.is_none() && dir.is_dir() && !replaced.contains(&name) {
                 let has_bin = std::fs::read_dir(&dir).is_ok_and(|rd| {
                     rd.filter_map(|e| e.ok()).any(|e| {
                         e.path()

@@ -69,7 +69,9 @@ fn component_file(
     if given.exists() {
         return Ok((given.to_path_buf(), flag.to_string()));
     }
-    let bare = given.components().count() == 1;
+    // A relative name that is not a file here: ComfyUI shows models in sub-folders of its model
+    // folders as `flux/model.safetensors`.
+    let bare = given.is_relative();
     if let (true, Some(root)) = (bare, comfyui) {
         let dirs = COMFY_DIRS
             .iter()
@@ -119,8 +121,19 @@ impl ModelSources {
     /// Resolves every part; fails on a flag that names nothing, and on a part nobody supplies
     /// (naming the flags that would).
     pub fn resolve(&self) -> Result<Resolution> {
+        // Sub-folders a component flag replaces need not hold weights.
+        let replaced: Vec<&str> = [
+            ("transformer", &self.diffusion_model),
+            ("vae", &self.vae),
+            ("text_encoder", &self.clip_l),
+            ("text_encoder_2", &self.t5xxl),
+        ]
+        .iter()
+        .filter(|(_, given)| given.is_some())
+        .map(|(dir, _)| *dir)
+        .collect();
         let mut paths = match &self.model {
-            Some(m) => ModelPaths::discover(m)?,
+            Some(m) => ModelPaths::discover_except(m, &replaced)?,
             None => ModelPaths::default(),
         };
         if let Some(root) = &self.comfyui {

@@ -301,6 +301,12 @@ fn alpha_from_adapter_metadata_and_the_default_of_one() {
         .unwrap_err(),
     );
     assert!(p[0].contains("alpha_pattern"), "{p:?}");
+    // rsLoRA's alpha/√rank is refused, not applied as alpha/rank.
+    let rs = r#"{"lora_adapter_metadata": "{\"transformer.lora_alpha\": 8, \"transformer.use_rslora\": true}"}"#;
+    let p = problems(
+        load_lora(&write(dir.path(), "rs.safetensors", &pair, Some(rs)), &cfg).unwrap_err(),
+    );
+    assert!(p[0].contains("use_rslora"), "{p:?}");
     // Nothing that looks like a LoRA at all.
     let none = write(dir.path(), "x.safetensors", &[("foo.bar", vec![2])], None);
     let p = problems(load_lora(&none, &cfg).unwrap_err());

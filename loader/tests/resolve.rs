@@ -221,3 +221,54 @@ fn a_bare_name_not_in_the_install_says_where_it_looked() {
     .to_string();
     assert!(e.contains("--comfyui: not a folder"), "{e}");
 }
+
+#[test]
+fn a_name_in_a_comfyui_subfolder_and_a_replaced_empty_part() {
+    let d = tempfile::tempdir().unwrap();
+    comfy_install(d.path());
+    touch(
+        &d.path()
+            .join("models/diffusion_models/flux/kontext.safetensors"),
+    );
+    let r = ModelSources {
+        diffusion_model: Some("flux/kontext.safetensors".into()),
+        vae: Some("ae.safetensors".into()),
+        t5xxl: Some("t5xxl_fp8_e4m3fn_scaled.safetensors".into()),
+        clip_l: Some("clip_l.safetensors".into()),
+        comfyui: Some(d.path().to_path_buf()),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap();
+    assert!(how(&r.origins, "transformer")
+        .0
+        .ends_with("models/diffusion_models/flux/kontext.safetensors"));
+    // A model folder whose transformer/ holds only a config: --diffusion-model supplies it.
+    let hf = d.path().join("hf");
+    touch(&hf.join("transformer/config.json"));
+    touch(&hf.join("vae/diffusion_pytorch_model.safetensors"));
+    let file = d.path().join("t.safetensors");
+    touch(&file);
+    let r = ModelSources {
+        model: Some(hf.clone()),
+        diffusion_model: Some(file.clone()),
+        ..Default::default()
+    };
+    let e = r.resolve().unwrap_err().to_string();
+    assert!(
+        !e.contains("holds no .safetensors"),
+        "the replaced part is not a problem: {e}"
+    );
+    assert!(e.contains("no T5 encoder"), "{e}");
+    let e = ModelSources {
+        model: Some(hf),
+        ..Default::default()
+    }
+    .resolve()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("transformer/ holds no .safetensors"),
+        "unreplaced, it is: {e}"
+    );
+}

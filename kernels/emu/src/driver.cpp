@@ -746,9 +746,12 @@ CUresult launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void** p
         std::lock_guard<std::mutex> g(stats_mu);
         launches[fn->kernel->name]++;
     }
-    Launch l{fn, grid, block, smem, params, settings().order, settings().seed};
+    // One reading of the settings for the whole launch: a test may change them from another
+    // thread (kontext_emu_set_*), and a race check must not start in one mode and end in another.
+    const Settings cfg_now = settings();
+    Launch l{fn, grid, block, smem, params, cfg_now.order, cfg_now.seed};
     Snapshot before;
-    if (settings().racecheck) mem_snapshot(&before);
+    if (cfg_now.racecheck) mem_snapshot(&before);
     std::string error;
     int r = run_grid(l, &error);
     if (r == CUDA_SUCCESS) {
@@ -768,16 +771,16 @@ CUresult launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void** p
             error = "kernel " + cfg + buf;
         }
     }
-    if (r == CUDA_SUCCESS && settings().racecheck) {
+    if (r == CUDA_SUCCESS && cfg_now.racecheck) {
         // The same launch again from the same memory in another order: equal results or a race.
         Snapshot first;
         mem_snapshot(&first);
         mem_restore(before);
         Launch again = l;
         again.order = l.order == ORDER_FORWARD ? ORDER_REVERSE : ORDER_FORWARD;
-        if (settings().racecheck > 1) {
+        if (cfg_now.racecheck > 1) {
             again.order = ORDER_SHUFFLE;
-            again.seed = l.seed + (uint64_t)settings().racecheck;
+            again.seed = l.seed + (uint64_t)cfg_now.racecheck;
         }
         r = run_grid(again, &error);
         Allocation a;

@@ -81,6 +81,7 @@ struct Worker {
     sigjmp_buf jmp;
     bool in_block = false;
     Fault fault;
+    char* window = nullptr;  // the mapping the shared window lies in (twice its size)
     char* dyn = nullptr;  // dynamic shared memory: the base of a 256 KiB-aligned window
     size_t dyn_cap = 0;   // bytes of it accessible now
     std::vector<int> order;
@@ -118,8 +119,31 @@ struct Worker {
 // is read at every device call (the modules' large shared arrays must stay general-dynamic).
 __attribute__((tls_model("initial-exec"))) thread_local Worker* tl_worker = nullptr;
 
+// Frees a thread's worker when the thread ends (each Rust test runs on a thread of its own):
+// the fiber stacks, the shared window and the signal stack would otherwise outlive it.
+struct WorkerOwner {
+    ~WorkerOwner() {
+        Worker* w = tl_worker;
+        if (!w) return;
+        tl_worker = nullptr;
+        stack_t off{};
+        off.ss_flags = SS_DISABLE;
+        sigaltstack(&off, nullptr);
+        const size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+        munmap(w->stacks, (STACK_BYTES + pg) * MAX_THREADS);
+        if (w->window) munmap(w->window, 2 * SHARED_WINDOW);
+        free(w->altstack);
+        delete[] w->fibers;
+        delete w;
+    }
+};
+thread_local WorkerOwner tl_owner;
+
 Worker* worker() {
-    if (!tl_worker) tl_worker = new Worker();
+    if (!tl_worker) {
+        tl_worker = new Worker();
+        (void)&tl_owner;  // odr-use: registers the owner's destructor for this thread
+    }
     return tl_worker;
 }
 
@@ -700,6 +724,7 @@ void setup_worker(Worker* w, const Launch& l) {
         // wgmma descriptor's 18-bit start, __cvta_generic_to_shared) is an offset from its base.
         char* m = static_cast<char*>(mmap(nullptr, 2 * SHARED_WINDOW, PROT_NONE,
                                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
+        w->window = m;
         w->dyn = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(m) + SHARED_WINDOW - 1) &
                                          ~(uintptr_t)(SHARED_WINDOW - 1));
         w->dyn_cap = 0;
