@@ -5,68 +5,28 @@
 //!
 //! Without NVRTC this test fails, naming the fix; `KONTEXT_SKIP_NVRTC=1` skips it explicitly.
 
-use kontext_kernels::nvrtc::Nvrtc;
+mod nvrtc_support;
+
 use kontext_kernels::Family;
+use nvrtc_support::{cubin_has_kernel, global_functions, nvrtc_or_skip, ARCHS};
 
-const ARCHS: [&str; 3] = ["sm_80", "sm_89", "sm_90a"];
-const PTX_CUH: &str = include_str!("../cuda/ptx.cuh");
 const TWINS: &str = include_str!("../emu/tests/ptx_twins.cu");
-
-/// The test kernels with `ptx.cuh` pasted in where they include it: the production NVRTC wrapper
-/// hands NVRTC only `common.cuh` as an in-memory header. (`#pragma once` goes: in a main file it
-/// means nothing.)
-pub fn twins_source() -> String {
-    let header: String = PTX_CUH
-        .lines()
-        .filter(|l| l.trim() != "#pragma once")
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert!(TWINS.contains("#include \"ptx.cuh\""));
-    TWINS.replacen("#include \"ptx.cuh\"", &header, 1)
-}
-
-fn nvrtc_or_skip() -> Option<Nvrtc> {
-    match Nvrtc::load() {
-        Ok(n) => Some(n),
-        Err(e) => {
-            if std::env::var("KONTEXT_SKIP_NVRTC").as_deref() == Ok("1") {
-                eprintln!("skipped: KONTEXT_SKIP_NVRTC=1 and {e}");
-                return None;
-            }
-            panic!(
-                "{e}\n\nThe PTX compile test needs NVRTC and the CUDA headers: run it with \
-                 scripts/test, or first `eval \"$(scripts/nvrtc-env)\"`, or set \
-                 KONTEXT_SKIP_NVRTC=1 to skip it knowingly."
-            );
-        }
-    }
-}
-
-/// The `extern "C" __global__` kernels of a source, by name.
-fn kernel_names(source: &str) -> Vec<String> {
-    source
-        .split("extern \"C\" __global__ void ")
-        .skip(1)
-        .map(|s| {
-            s.chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect()
-        })
-        .collect()
-}
 
 #[test]
 fn ptx_twins_compile_cleanly_for_every_arch() {
     let Some(nvrtc) = nvrtc_or_skip() else {
         return;
     };
-    let source: &'static str = Box::leak(twins_source().into_boxed_str());
+    // NVRTC gets ptx.cuh in memory beside common.cuh (kontext_kernels::HEADERS).
     let family = Family {
         name: "ptx_twins",
-        source,
+        source: TWINS,
         kernels: &[],
     };
-    let names = kernel_names(TWINS);
+    let names: Vec<String> = global_functions(TWINS)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert!(names.len() >= 10, "{names:?}");
     let mut failures = Vec::new();
     for arch in ARCHS {
@@ -77,12 +37,7 @@ fn ptx_twins_compile_cleanly_for_every_arch() {
                     failures.push(format!("ptx_twins.cu ({arch}) warned:\n{}", c.log));
                 }
                 for name in &names {
-                    let needle = format!(".text.{name}\0");
-                    if !c
-                        .cubin
-                        .windows(needle.len())
-                        .any(|w| w == needle.as_bytes())
-                    {
+                    if !cubin_has_kernel(&c.cubin, name) {
                         failures.push(format!("ptx_twins.cu ({arch}) has no kernel {name}"));
                     }
                 }
@@ -100,18 +55,11 @@ fn sm90_instructions_are_refused_for_sm80() {
     let Some(nvrtc) = nvrtc_or_skip() else {
         return;
     };
-    let header: String = PTX_CUH
-        .lines()
-        .filter(|l| l.trim() != "#pragma once")
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let source = format!(
-        "#include \"common.cuh\"\n{header}\nextern \"C\" __global__ void k(unsigned long long* \
-         b) {{ mbarrier_arrive_expect_tx(b, 16); }}\n"
-    );
+    let source = "#include \"common.cuh\"\n#include \"ptx.cuh\"\nextern \"C\" __global__ void \
+                  k(unsigned long long* b) { mbarrier_arrive_expect_tx(b, 16); }\n";
     let family = Family {
         name: "ptx_sm90_on_sm80",
-        source: Box::leak(source.into_boxed_str()),
+        source,
         kernels: &[],
     };
     let err = nvrtc.compile(&family, "sm_80").unwrap_err().to_string();
@@ -119,15 +67,11 @@ fn sm90_instructions_are_refused_for_sm80() {
     assert!(nvrtc.compile(&family, "sm_90a").is_ok());
 }
 
-/// A one-kernel family calling `body` with the header pasted in.
+/// A one-kernel family calling `body`.
 fn probe_family(name: &'static str, params: &str, body: &str) -> Family {
-    let header: String = PTX_CUH
-        .lines()
-        .filter(|l| l.trim() != "#pragma once")
-        .map(|l| format!("{l}\n"))
-        .collect();
     let source = format!(
-        "#include \"common.cuh\"\n{header}\nextern \"C\" __global__ void k({params}) {{ {body} }}\n"
+        "#include \"common.cuh\"\n#include \"ptx.cuh\"\nextern \"C\" __global__ void \
+         k({params}) {{ {body} }}\n"
     );
     Family {
         name,

@@ -13,7 +13,6 @@ use kontext_loader::dtype::E4M3_TO_F32;
 use std::ffi::c_void;
 use std::sync::{Arc, OnceLock};
 
-const PTX_CUH: &str = include_str!("../../cuda/ptx.cuh");
 const TWINS: &str = include_str!("../../emu/tests/ptx_twins.cu");
 
 /// Launches `f` with the arguments and synchronises: the driver's verdict. (harness::run takes a
@@ -41,8 +40,7 @@ fn has_cc(major: i32, minor: i32, what: &str) -> bool {
     ok
 }
 
-/// The test kernels with `ptx.cuh` pasted in where they include it (the NVRTC wrapper hands NVRTC
-/// only `common.cuh`); `#pragma once` goes, meaningless in a main file.
+/// The test kernels, compiled once (NVRTC gets `ptx.cuh` in memory beside `common.cuh`).
 fn module() -> Arc<CudaModule> {
     // Each test runs on its own thread; cuModuleGetFunction wants the context current there.
     gpu()
@@ -50,16 +48,8 @@ fn module() -> Arc<CudaModule> {
         .bind_to_thread()
         .expect("the emulated context binds");
     static M: OnceLock<Arc<CudaModule>> = OnceLock::new();
-    M.get_or_init(|| {
-        let header: String = PTX_CUH
-            .lines()
-            .filter(|l| l.trim() != "#pragma once")
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let source = TWINS.replacen("#include \"ptx.cuh\"", &header, 1);
-        compile("ptx_twins", &source).unwrap_or_else(|e| panic!("ptx_twins.cu: {e}"))
-    })
-    .clone()
+    M.get_or_init(|| compile("ptx_twins", TWINS).unwrap_or_else(|e| panic!("ptx_twins.cu: {e}")))
+        .clone()
 }
 
 fn bf16_round(v: &[f32]) -> (Vec<u16>, Vec<f32>) {
