@@ -11,13 +11,17 @@
 //!
 //! Run with `--nocapture` for the measured tables.
 
+mod common;
+
+use common::case_options;
+
 use half::bf16;
 use kontext_engine::check::{compare, tol, Comparison};
 use kontext_engine::cpu_encoder::CpuConv;
 use kontext_engine::encoder_backend::{EncoderBackend, Pad};
 use kontext_engine::image::RgbImage;
 use kontext_engine::pipeline::{Device, Models, Pipeline};
-use kontext_engine::request::{read_noise_file, EditOptions, NoiseSource, ResizePolicy};
+use kontext_engine::request::{read_noise_file, NoiseSource};
 use kontext_engine::{Backend, CpuBackend, CpuLinear, CpuTensor, Flux, FluxInputs, HostWeight};
 use kontext_engine::{EngineError, StageHook};
 use kontext_loader::{load_transformer, ModelPaths, TensorSet, TransformerOptions};
@@ -221,14 +225,7 @@ fn run_case<B: EncoderBackend>(
     let dir = fixtures().join("pipeline");
     let (noise, _) = read_noise_file(&dir.join(format!("{case}_noise.safetensors"))).unwrap();
     let context = (case == "edit").then(|| RgbImage::open(&dir.join("context.png")).unwrap());
-    let opts = EditOptions {
-        steps: c["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance: c["guidance_scale"].as_f64().unwrap() as f32,
-        noise: NoiseSource::Tensor(noise),
-        width: Some(c["width"].as_u64().unwrap() as usize),
-        height: Some(c["height"].as_u64().unwrap() as usize),
-        resize: ResizePolicy::None,
-    };
+    let opts = case_options(c, NoiseSource::Tensor(noise));
     let mut stages = BTreeMap::new();
     let mut hook = |name: &str, v: &[f32]| {
         stages.insert(name.to_string(), v.to_vec());

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{assert_pixels_match, fixtures, read_all};
+use common::{assert_pixels_match, case_options, fixtures, read_all};
 
 use kontext_engine::backend::Backend;
 use kontext_engine::check::{compare, tol, Comparison};
@@ -35,14 +35,7 @@ fn check_edit(p: &Pipeline, what: &str, latents: [&[f32]; 2], png: &Path) {
     .unwrap();
     let c = &meta["cases"]["edit"];
     let (noise, _) = read_noise_file(&fixtures().join("pipeline/edit_noise.safetensors")).unwrap();
-    let opts = EditOptions {
-        steps: c["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance: c["guidance_scale"].as_f64().unwrap() as f32,
-        noise: NoiseSource::Tensor(noise),
-        width: Some(c["width"].as_u64().unwrap() as usize),
-        height: Some(c["height"].as_u64().unwrap() as usize),
-        resize: ResizePolicy::None,
-    };
+    let opts = case_options(c, NoiseSource::Tensor(noise));
     let ctx = RgbImage::open(&fixtures().join("pipeline/context.png")).unwrap();
     let mut ours: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let mut hook = |name: &str, v: &[f32]| {

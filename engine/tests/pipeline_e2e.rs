@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_pixels_match, read_all};
+use common::{assert_pixels_match, case_options, read_all};
 
 use kontext_engine::check::{compare, tol, Comparison};
 use kontext_engine::image::RgbImage;
@@ -30,14 +30,7 @@ fn run_case(pipeline: &Pipeline, case: &str, noise: NoiseSource) {
     let c = &m["cases"][case];
     let prompt = c["prompt"].as_str().unwrap();
     let context = (case == "edit").then(|| RgbImage::open(&dir().join("context.png")).unwrap());
-    let opts = EditOptions {
-        steps: c["num_inference_steps"].as_u64().unwrap() as usize,
-        guidance: c["guidance_scale"].as_f64().unwrap() as f32,
-        noise,
-        width: Some(c["width"].as_u64().unwrap() as usize),
-        height: Some(c["height"].as_u64().unwrap() as usize),
-        resize: ResizePolicy::None,
-    };
+    let opts = case_options(c, noise);
     let mut ours: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     let mut hook = |name: &str, v: &[f32]| {
         ours.insert(name.to_string(), v.to_vec());

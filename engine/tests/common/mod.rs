@@ -8,6 +8,7 @@
 use kontext_engine::check::{compare, tol};
 use kontext_engine::image::RgbImage;
 use kontext_engine::random::Rng;
+use kontext_engine::request::{EditOptions, NoiseSource, ResizePolicy};
 use kontext_engine::{CpuTensor, HostWeight};
 use kontext_loader::TensorSet;
 use std::collections::BTreeMap;
@@ -149,4 +150,22 @@ pub fn assert_pixels_match(what: &str, got: &RgbImage, expected: &RgbImage) {
         worst <= MAX_LEVELS && off <= MAX_FRACTION_OFF,
         "{what}: max {worst}, {off}"
     );
+}
+
+/// The options of one case of the pipeline fixture's `meta.json` (`cases.edit`, `cases.t2i`):
+/// its steps, guidance and size, no resizing, with `noise`.
+pub fn case_options(case: &serde_json::Value, noise: NoiseSource) -> EditOptions {
+    let n = |k: &str| {
+        case[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("meta.json: no {k}")) as usize
+    };
+    EditOptions {
+        steps: n("num_inference_steps"),
+        guidance: case["guidance_scale"].as_f64().unwrap() as f32,
+        noise,
+        width: Some(n("width")),
+        height: Some(n("height")),
+        resize: ResizePolicy::None,
+    }
 }
