@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use kontext_engine::image::RgbImage;
 use kontext_engine::lora::LoraSpec;
-use kontext_engine::pipeline::{Device, Pipeline, Progress};
+use kontext_engine::memory::{choose, gib, MemoryOptions, MemoryPlan, Mode, WeightType};
+use kontext_engine::pipeline::{Components, Device, Pipeline, Progress};
 use kontext_engine::request::{
     plan_sizes, read_noise_file, EditOptions, NoiseSource, ResizePolicy,
 };
@@ -182,6 +183,51 @@ struct RunArgs {
     /// Print a machine-readable summary on stdout.
     #[arg(long)]
     json: bool,
+    /// Plan for a GPU of this much memory (GiB, or with a unit: 12G, 800M) instead of the free
+    /// memory of the one present; with --dry-run, plan for such a device where there is none.
+    #[arg(long, value_name = "GB", value_parser = parse_vram)]
+    vram: Option<u64>,
+    /// The transformer's weights on the GPU: bf16, or fp8 (e4m3, quantised at load when the
+    /// file is not fp8). Default: as stored when everything fits, else fp8.
+    #[arg(long, value_name = "bf16|fp8", value_parser = WeightType::parse)]
+    weights: Option<WeightType>,
+    /// Force a memory mode: resident (everything on the GPU), fp8 (transformer fp8, text
+    /// encoders streamed from host memory), stream (also modulation and as many blocks as
+    /// needed streamed). Default: the first that fits.
+    #[arg(long, value_name = "MODE", value_parser = Mode::parse)]
+    memory_mode: Option<Mode>,
+    /// Print the request's memory plan (tokens, FLOPs per step, peak per mode, the mode
+    /// --vram would get) without loading any weight; reads only the files' headers and needs
+    /// no GPU, prompt or output.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// `--vram`: a number of GiB, or a number with a unit K, M, G (binary).
+fn parse_vram(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], t[i..].trim_end_matches(['B', 'b', 'i'])),
+        None => (t, "G"),
+    };
+    let mult = match unit.to_ascii_uppercase().as_str() {
+        "K" => 1u64 << 10,
+        "M" => 1 << 20,
+        "G" | "" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "--vram {s}: expected GiB, or a size such as 12G or 800M"
+            ))
+        }
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("--vram {s}: expected GiB, or a size such as 12G or 800M"))?;
+    if !(v > 0.0 && v * (mult as f64) < 1e15) {
+        return Err(format!("--vram {s}: give a size between 1 byte and 1 PB"));
+    }
+    Ok((v * mult as f64) as u64)
 }
 
 fn main() {
@@ -213,6 +259,9 @@ fn run(args: &RunArgs) -> Result<()> {
         );
     }
     let verbosity = Verbosity::detect(args.quiet);
+    if args.dry_run {
+        return dry_run(args);
+    }
     let Some(prompt) = &args.prompt else {
         bail!("--prompt is required");
     };
@@ -368,7 +417,16 @@ fn run(args: &RunArgs) -> Result<()> {
         "loading {what} ({} of weights)",
         human_bytes(weight_bytes(&paths))
     ));
-    let pipeline = Pipeline::load_with_loras(&paths, device, &args.lora).with_context(|| {
+    let memory = memory_options(args);
+    let design = plan_sizes(&sizes, &opts)?;
+    let pipeline = Pipeline::load_configured(
+        &paths,
+        device,
+        &args.lora,
+        &memory,
+        Some((&design, opts.steps)),
+    )
+    .with_context(|| {
         let hint = match (device, requested) {
             (Device::Cuda, None) => " on the GPU (--device cpu runs on the CPU)",
             _ => "",
@@ -376,6 +434,13 @@ fn run(args: &RunArgs) -> Result<()> {
         format!("loading {what}{hint}")
     })?;
     let load_time = t0.elapsed();
+    if let Some((plan, budget)) = &pipeline.memory {
+        rep.line(&format!(
+            "note: {} usable on the GPU: {}",
+            gib(*budget),
+            plan.summary()
+        ));
+    }
     for l in pipeline.loras() {
         rep.line(&format!(
             "LoRA {} ({}, {} layers) at strength {}",
@@ -449,8 +514,147 @@ fn run(args: &RunArgs) -> Result<()> {
             "parts": resolution.origins.iter().map(|o| serde_json::json!({"part": o.part, "path": o.path, "from": o.how})).collect::<Vec<_>>(),
             "notes": first.notes,
             "seconds": timings,
+            "memory": pipeline.memory.as_ref().map(|(plan, budget)| serde_json::json!({
+                "mode": plan.mode().name(),
+                "peak_bytes": plan.peak_bytes,
+                "measured_peak_bytes": pipeline.gpu_peak_bytes(),
+                "budget_bytes": budget,
+                "host_bytes": plan.host_bytes,
+                "streamed_blocks": plan.layout.streamed_blocks.len(),
+            })),
         });
         println!("{summary}");
+    }
+    Ok(())
+}
+
+/// The memory options of the flags.
+fn memory_options(args: &RunArgs) -> MemoryOptions {
+    MemoryOptions {
+        vram: args.vram,
+        weights: args.weights,
+        mode: args.memory_mode,
+        resident_blocks: None,
+    }
+}
+
+/// `--dry-run`: the plan of the request in every mode, from the files' headers.
+fn dry_run(args: &RunArgs) -> Result<()> {
+    let src = &args.sources;
+    let mut sizes = Vec::new();
+    for (k, path) in args.image.iter().enumerate() {
+        let img = RgbImage::open(path).with_context(|| format!("--image #{}", k + 1))?;
+        sizes.push((img.width, img.height));
+    }
+    let opts = EditOptions {
+        steps: args.steps,
+        width: args.width,
+        height: args.height,
+        resize: match args.resize {
+            ResizeArg::Preferred => ResizePolicy::Preferred,
+            ResizeArg::None => ResizePolicy::None,
+        },
+        ..Default::default()
+    };
+    opts.validate()?;
+    let design = plan_sizes(&sizes, &opts)?;
+    let resolution = src.sources().resolve()?;
+    let mut paths = resolution.paths;
+    paths.axes_dim = src.axes_dim.clone();
+    let c = Components::open(&paths)?;
+    let memory = memory_options(args);
+    // With --vram the plan is for a device of that size; else for the GPU here, if any.
+    let (budget, cc, gpu) = match memory.vram {
+        Some(v) => (Some(kontext_engine::memory::usable(v)), None, None),
+        None => match kontext_kernels::cuda_available() {
+            Ok(info) if args.device != Some(DeviceArg::Cpu) => {
+                let b = kontext_engine::CudaBackend::new(0)?;
+                let budget = kontext_engine::memory::device_budget(&b, None)?;
+                (
+                    Some(budget),
+                    Some(info.compute_capability),
+                    Some(info.to_string()),
+                )
+            }
+            _ => (None, None, None),
+        },
+    };
+    // Every mode's plan for the table; the choice among them (or the forced mode's) for the
+    // budget. One planner pass per mode.
+    let mut all = memory.clone();
+    all.mode = None;
+    let (plans, fits) = choose(&c, &design, opts.steps, &all, budget, cc)?;
+    let chosen = match (memory.mode, budget) {
+        (Some(m), Some(_)) => {
+            let i = plans.iter().position(|p| p.mode() == m);
+            let (ps, j) = choose(&c, &design, opts.steps, &memory, budget, cc)?;
+            Some((ps, j.or(i)))
+        }
+        (None, Some(_)) => Some((plans.clone(), fits)),
+        (_, None) => None,
+    };
+    let (nt, nx, nc) = plans[0].tokens;
+    if args.json {
+        let mode_json = |p: &MemoryPlan| {
+            serde_json::json!({
+                "mode": p.mode().name(),
+                "peak_bytes": p.peak_bytes,
+                "weight_bytes": p.weight_bytes,
+                "slot_bytes": p.slot_bytes,
+                "host_bytes": p.host_bytes,
+                "streamed_blocks": p.layout.streamed_blocks.len(),
+                "streamed_bytes_per_step": p.streamed_per_step,
+                "stages": p.stages.iter().map(|s| serde_json::json!({"stage": s.stage, "pool_bytes": s.pools, "peak_bytes": s.peak})).collect::<Vec<_>>(),
+            })
+        };
+        let pick = chosen.as_ref().map(|(ps, i)| &ps[i.unwrap_or(0)]);
+        let out = serde_json::json!({
+            "mode": pick.map(|p| p.mode().name()),
+            "peak_bytes": pick.map(|p| p.peak_bytes),
+            "chosen": pick.map(mode_json),
+            "budget_bytes": budget,
+            "gpu": gpu,
+            "tokens": {"text": nt, "target": nx, "context": nc},
+            "flops_per_step": plans[0].flops_per_step,
+            "width": design.width,
+            "height": design.height,
+            "modes": plans.iter().map(mode_json).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    println!(
+        "request: {}×{} output, {} context image(s); tokens: {nt} text + {nx} target + {nc} context = {}",
+        design.width,
+        design.height,
+        design.references.len(),
+        nt + nx + nc
+    );
+    println!(
+        "one denoising step: {:.2} TFLOP (GEMMs and attention)",
+        plans[0].flops_per_step / 1e12
+    );
+    for p in &plans {
+        let stages: Vec<String> = p
+            .stages
+            .iter()
+            .map(|s| format!("{} {}", s.stage, gib(s.peak)))
+            .collect();
+        println!(
+            "  mode {:<8} peak {:>10}  (resident weights {}, host {}; {})",
+            p.mode().name(),
+            gib(p.peak_bytes),
+            gib(p.weight_bytes),
+            gib(p.host_bytes),
+            stages.join(", ")
+        );
+    }
+    match (&chosen, budget) {
+        (Some((ps, i)), Some(b)) => {
+            let p = &ps[i.unwrap_or(0)];
+            println!("with {} usable: {}", gib(b), p.summary());
+        }
+        _ => println!("no GPU here: give --vram GB to see the mode a card of that size gets"),
     }
     Ok(())
 }

@@ -109,3 +109,21 @@ fn a_device_too_small_for_the_request_is_one_clear_error_and_writes_nothing() {
     );
     assert!(!out.exists(), "nothing may be written");
 }
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release --test cli_emulated -- --ignored"]
+fn a_device_below_the_smallest_memory_mode_is_refused_before_loading() {
+    emulated();
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("never.png");
+    // 34 MiB: room for the GEMM workspace (32 MiB) but not for the smallest plan (36.6 MiB).
+    let r = edit("cuda", &out, &[("KONTEXT_EMU_MEMORY", "34M")]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("does not fit in any memory mode") && stderr.contains("MiB"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "nothing may be written");
+}

@@ -59,6 +59,26 @@ pub enum EngineError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// A GPU failure (an allocation another process made fail, a fault) inside a stage of a
+    /// request: the stage is named.
+    #[error("{stage}: {source}")]
+    Stage {
+        stage: &'static str,
+        source: Box<EngineError>,
+    },
+}
+
+impl EngineError {
+    /// Names `stage` on a GPU error; other errors say where they are already.
+    pub fn in_stage(self, stage: &'static str) -> EngineError {
+        match self {
+            e @ EngineError::Gpu(_) => EngineError::Stage {
+                stage,
+                source: Box::new(e),
+            },
+            e => e,
+        }
+    }
 }
 
 /// Result with [`EngineError`].

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod check;
 pub mod error;
 pub mod image;
+pub mod memory;
 pub mod model;
 pub mod noise;
 pub mod pipeline;
@@ -23,7 +24,7 @@ pub mod schedule;
 pub mod tokenizer;
 
 // Each module keeps its path from the crate root (kontext_engine::layers, ::cpu, …).
-pub use backend::{cpu, cpu_encoder, cuda, cuda_encoder, encoder_backend, weights};
+pub use backend::{cpu, cpu_encoder, cuda, cuda_encoder, cuda_stream, encoder_backend, weights};
 pub use model::{clip, layers, lora, t5, vae};
 
 pub use backend::Backend;

@@ -8,14 +8,16 @@
 //! denoising loop, decode) runs inside [`Backend::planned`]: on CUDA its activations come from
 //! one pool sized by a dry run, so the denoising loop allocates no device memory.
 
+use crate::backend::{Placement, WeightTally};
 use crate::clip::ClipTextModel;
 use crate::cpu::CpuBackend;
 use crate::cuda::CudaBackend;
 use crate::encoder_backend::EncoderBackend;
 use crate::error::{EngineError, Result};
 use crate::image::RgbImage;
+use crate::memory::{Layout, MemoryOptions, MemoryPlan};
 use crate::model::{Flux, FluxInputs, StageHook};
-use crate::request::{initial_noise, plan_references, EditOptions, NoiseSource};
+use crate::request::{initial_noise, plan_references, EditOptions, NoiseSource, SizePlan};
 use crate::sampling::{
     image_ids, pack, prepare_kontext_refs, target_rows, txt_ids, unpack, LatentShape, RefLayout,
 };
@@ -24,7 +26,7 @@ use crate::t5::T5Encoder;
 use crate::tokenizer::{TextTokenizer, Truncation};
 use crate::vae::{AutoEncoder, Latent};
 use kontext_loader::{load_clip, load_t5, load_transformer, load_vae, ModelPaths, SchedulerConfig};
-use kontext_loader::{TransformerOptions, VaeOptions};
+use kontext_loader::{Clip, Transformer, TransformerOptions, Vae, VaeOptions, T5};
 use std::time::{Duration, Instant};
 
 /// T5 sequence length: always padded to 512 (spec 5.1).
@@ -115,6 +117,53 @@ pub struct Models<B: EncoderBackend> {
     pub vae: AutoEncoder<B>,
     pub t5: T5Encoder<B>,
     pub clip: ClipTextModel<B>,
+    /// The backend's weight tally after each part was loaded (cumulative), in load order.
+    pub weights_by_part: Vec<(&'static str, WeightTally)>,
+}
+
+/// The four parts as the loader opened them: headers read, data mapped, nothing converted.
+pub struct Components {
+    pub transformer: Transformer,
+    pub vae: Vae,
+    pub t5: T5,
+    pub clip: Clip,
+}
+
+impl Components {
+    /// Opens every part found in `paths` (a missing one is an error naming it).
+    pub fn open(paths: &ModelPaths) -> Result<Components> {
+        let root = model_root(paths);
+        let need = |p: &Option<std::path::PathBuf>, part: &str| {
+            p.clone().ok_or_else(|| missing(part, &root))
+        };
+        Ok(Components {
+            transformer: load_transformer(
+                &need(&paths.transformer, "transformer")?,
+                &TransformerOptions {
+                    axes_dim: paths.axes_dim.clone(),
+                },
+            )?,
+            vae: load_vae(
+                &need(&paths.vae, "autoencoder (vae/ or ae.safetensors)")?,
+                &VaeOptions::default(),
+            )?,
+            t5: load_t5(&need(&paths.t5, "T5 encoder (text_encoder_2/)")?)?,
+            clip: load_clip(&need(&paths.clip, "CLIP text model (text_encoder/)")?)?,
+        })
+    }
+
+    /// Parameters of all four.
+    pub fn param_count(&self) -> u64 {
+        [
+            &self.transformer.weights,
+            &self.vae.weights,
+            &self.t5.weights,
+            &self.clip.weights,
+        ]
+        .iter()
+        .map(|c| c.param_count() as u64)
+        .sum()
+    }
 }
 
 /// The models on the device they were loaded for. (One per pipeline: the size difference of the
@@ -131,6 +180,9 @@ pub struct Pipeline {
     pub t5_tokenizer: TextTokenizer,
     pub clip_tokenizer: TextTokenizer,
     pub scheduler: SchedulerConfig,
+    /// On CUDA: the memory plan the weights were placed by, and the device budget it was made
+    /// for (None on the CPU).
+    pub memory: Option<(MemoryPlan, u64)>,
 }
 
 fn missing(part: &str, root: &str) -> EngineError {
@@ -152,39 +204,39 @@ fn model_root(paths: &ModelPaths) -> String {
 }
 
 impl<B: EncoderBackend + Clone> Models<B> {
-    /// Loads the transformer, autoencoder and both text encoders found in `paths` onto `backend`.
+    /// Loads the transformer, autoencoder and both text encoders found in `paths` onto `backend`,
+    /// every weight resident.
     pub fn load(backend: B, paths: &ModelPaths) -> Result<Models<B>> {
-        let root = model_root(paths);
-        let need = |p: &Option<std::path::PathBuf>, part: &str| {
-            p.clone().ok_or_else(|| missing(part, &root))
-        };
-        let transformer = load_transformer(
-            &need(&paths.transformer, "transformer")?,
-            &TransformerOptions {
-                axes_dim: paths.axes_dim.clone(),
-            },
-        )?;
-        let vae = load_vae(
-            &need(&paths.vae, "autoencoder (vae/ or ae.safetensors)")?,
-            &VaeOptions::default(),
-        )?;
-        let t5 = load_t5(&need(&paths.t5, "T5 encoder (text_encoder_2/)")?)?;
-        let clip = load_clip(&need(&paths.clip, "CLIP text model (text_encoder/)")?)?;
-        let params = [
-            &transformer.weights,
-            &vae.weights,
-            &t5.weights,
-            &clip.weights,
-        ]
-        .iter()
-        .map(|c| c.param_count() as u64)
-        .sum();
-        backend.check_memory(params)?;
+        let c = Components::open(paths)?;
+        backend.check_memory(c.param_count())?;
+        Models::from_components(backend, &c, &Layout::resident())
+    }
+
+    /// Builds the four models from opened parts, each placed as `layout` says.
+    pub fn from_components(backend: B, c: &Components, layout: &Layout) -> Result<Models<B>> {
+        let mut by_part = Vec::new();
+        backend.set_placement(layout.transformer.clone());
+        let flux = Flux::from_transformer(backend.clone(), &c.transformer);
+        backend.set_placement(Placement::default());
+        let flux = flux?;
+        by_part.push(("transformer", backend.weight_tally()));
+        let vae = AutoEncoder::from_vae(backend.clone(), &c.vae)?;
+        by_part.push(("vae", backend.weight_tally()));
+        backend.set_placement(layout.text.clone());
+        let text = T5Encoder::from_t5(backend.clone(), &c.t5).and_then(|t5| {
+            let t = backend.weight_tally();
+            Ok((t5, t, ClipTextModel::from_clip(backend.clone(), &c.clip)?))
+        });
+        backend.set_placement(Placement::default());
+        let (t5, t5_tally, clip) = text?;
+        by_part.push(("t5", t5_tally));
+        by_part.push(("clip", backend.weight_tally()));
         let models = Models {
-            flux: Flux::from_transformer(backend.clone(), &transformer)?,
-            vae: AutoEncoder::from_vae(backend.clone(), &vae)?,
-            t5: T5Encoder::from_t5(backend.clone(), &t5)?,
-            clip: ClipTextModel::from_clip(backend, &clip)?,
+            flux,
+            vae,
+            t5,
+            clip,
+            weights_by_part: by_part,
         };
         models.check_compatible()?;
         Ok(models)
@@ -244,6 +296,19 @@ impl Pipeline {
     /// Loads every part found by [`ModelPaths::discover`] (or given one by one) onto `device`
     /// (for CUDA: the first GPU, its kernels compiled or taken from the cache).
     pub fn load(paths: &ModelPaths, device: Device) -> Result<Pipeline> {
+        Pipeline::load_with(paths, device, &MemoryOptions::default(), None)
+    }
+
+    /// [`Pipeline::load`] with the device-memory plan made for `design` (the request the
+    /// placement is chosen for: its sizes and steps; default a 1024² edit with one reference,
+    /// 28 steps) under `memory`'s options ([`crate::memory`]). On CUDA the plan is made before
+    /// any weight moves to the device; a request that fits in no mode is an error here.
+    pub fn load_with(
+        paths: &ModelPaths,
+        device: Device,
+        memory: &MemoryOptions,
+        design: Option<(&SizePlan, usize)>,
+    ) -> Result<Pipeline> {
         // The cheap parts first: a broken tokenizer or scheduler config costs no model load.
         let root = model_root(paths);
         let need = |p: &Option<std::path::PathBuf>, part: &str| {
@@ -261,15 +326,36 @@ impl Pipeline {
             Some(p) => SchedulerConfig::read(p)?,
             None => SchedulerConfig::default(),
         };
-        let engine = match device {
-            Device::Cpu => Engine::Cpu(Models::load(CpuBackend, paths)?),
-            Device::Cuda => Engine::Cuda(Models::load(CudaBackend::new(0)?, paths)?),
+        let (engine, plan) = match device {
+            Device::Cpu => (Engine::Cpu(Models::load(CpuBackend, paths)?), None),
+            Device::Cuda => {
+                let c = Components::open(paths)?;
+                let backend = CudaBackend::new(0)?;
+                let budget = crate::memory::device_budget(&backend, memory.vram)?;
+                let default_design;
+                let (sizes, steps) = match design {
+                    Some(d) => d,
+                    None => {
+                        default_design = crate::memory::default_design()?;
+                        (&default_design, 28)
+                    }
+                };
+                let cc = backend.gpu().map(|g| g.info.compute_capability);
+                let (mut plans, chosen) =
+                    crate::memory::choose(&c, sizes, steps, memory, Some(budget), cc)?;
+                let plan = plans.swap_remove(chosen.unwrap_or(0));
+                crate::memory::check_host(&plan, crate::memory::host_available())?;
+                let models = Models::from_components(backend.clone(), &c, &plan.layout)?;
+                backend.prepare_streaming()?;
+                (Engine::Cuda(models), Some((plan, budget)))
+            }
         };
         let pipeline = Pipeline {
             engine,
             t5_tokenizer,
             clip_tokenizer,
             scheduler,
+            memory: plan,
         };
         pipeline.check_tokenizers()?;
         Ok(pipeline)
@@ -310,6 +396,15 @@ impl Pipeline {
                 "tokenizers and text encoders do not fit together: {}",
                 problems.join("; ")
             )))
+        }
+    }
+
+    /// The most device memory held at once since load began (the GPU's allocation counter);
+    /// None on the CPU.
+    pub fn gpu_peak_bytes(&self) -> Option<u64> {
+        match &self.engine {
+            Engine::Cuda(m) => m.flux.backend.gpu().map(|g| g.peak_bytes()),
+            Engine::Cpu(_) => None,
         }
     }
 
@@ -456,9 +551,63 @@ impl Pipeline {
                 self.run_references_with(m, references, layout, prompt, opts, progress, stages)
             }
             Engine::Cuda(m) => {
+                let plan = plan_references(references, opts)?;
+                let sizes = SizePlan {
+                    references: plan
+                        .references
+                        .iter()
+                        .map(|r| (r.width, r.height))
+                        .collect(),
+                    width: plan.width,
+                    height: plan.height,
+                    notes: Vec::new(),
+                };
+                self.check_fits(m, &sizes, opts.steps)?;
                 self.run_references_with(m, references, layout, prompt, opts, progress, stages)
             }
         }
+    }
+
+    /// Before a CUDA request starts: its largest stage's activation pools must fit in the
+    /// device memory the loaded weights leave (the free memory now, and within the budget the
+    /// weights were placed for), else an error naming both and what would make it fit.
+    pub fn check_fits(
+        &self,
+        m: &Models<CudaBackend>,
+        sizes: &SizePlan,
+        steps: usize,
+    ) -> Result<()> {
+        let b = &m.flux.backend;
+        let Some(gpu) = b.gpu() else {
+            return Ok(());
+        };
+        let pools = crate::memory::stage_pools(m, sizes, steps)?;
+        let stages = [
+            ("text encoding", pools.text),
+            ("context encoding", pools.context),
+            ("denoising", pools.conditioning + pools.step),
+            ("decoding", pools.decode),
+        ];
+        let (stage, need) = stages.into_iter().max_by_key(|s| s.1).unwrap_or(("", 0));
+        let (free, total) = gpu.mem_info()?;
+        let headroom = (256u64 << 20).min(total as u64 / 64);
+        let mut avail = (free as u64).saturating_sub(headroom);
+        if let Some((_, budget)) = &self.memory {
+            avail = avail.min(budget.saturating_sub(gpu.in_use_bytes()));
+        }
+        if need > avail {
+            let mode = self
+                .memory
+                .as_ref()
+                .map_or("resident", |(p, _)| p.mode().name());
+            return Err(EngineError::Config(format!(
+                "this request does not fit: its {stage} needs {} of activations beside the loaded weights ({} held, memory mode {mode}), and {} is free. HINT: a smaller output size, fewer or smaller context images, or load with a smaller --vram / --memory-mode stream to leave more room",
+                crate::memory::gib(need),
+                crate::memory::gib(gpu.in_use_bytes()),
+                crate::memory::gib(avail)
+            )));
+        }
+        Ok(())
     }
 
     /// [`Pipeline::run`] on the given models (those of this pipeline, or the same files on
@@ -500,7 +649,9 @@ impl Pipeline {
 
         progress(&Progress::EncodingText);
         let t0 = Instant::now();
-        let (txt, pooled) = self.encode_prompt_with(m, prompt, &mut notes)?; // [Lt, d], [d]
+        let (txt, pooled) = self
+            .encode_prompt_with(m, prompt, &mut notes)
+            .map_err(|e| e.in_stage("text encoding"))?; // [Lt, d], [d]
         let lt = txt.len() / m.t5.config.d_model;
         observe("prompt_embeds", &txt);
         observe("pooled", &pooled);
@@ -518,7 +669,8 @@ impl Pipeline {
             // Each reference its own planned stage: its pool fits its size.
             let latent = vae
                 .backend
-                .planned(&mut || encode().map(drop), &mut || encode())?; // [z, h_k, w_k]
+                .planned(&mut || encode().map(drop), &mut || encode())
+                .map_err(|e| e.in_stage("context encoding"))?; // [z, h_k, w_k]
             ctx.push(latent);
         }
         timings.push(("context", t0.elapsed()));
@@ -570,13 +722,16 @@ impl Pipeline {
         // vec and every block's modulation depend only on (t, guidance, y): all steps at once,
         // before the loop, in memory of their own (one pool on CUDA) that outlives the loop's.
         let timesteps = &schedule[..schedule.len() - 1]; // t of each step
-        let conditioning = flux.backend.planned(
-            &mut || {
-                flux.conditioning(timesteps, opts.guidance, &pooled)
-                    .map(drop)
-            },
-            &mut || flux.conditioning(timesteps, opts.guidance, &pooled),
-        )?; // steps × (vec and every modulation chunk, [1, D] each)
+        let conditioning = flux
+            .backend
+            .planned(
+                &mut || {
+                    flux.conditioning(timesteps, opts.guidance, &pooled)
+                        .map(drop)
+                },
+                &mut || flux.conditioning(timesteps, opts.guidance, &pooled),
+            )
+            .map_err(|e| e.in_stage("conditioning"))?; // steps × (vec and every modulation chunk, [1, D] each)
         let first_cond = conditioning
             .first()
             .ok_or_else(|| EngineError::Config("a denoising loop of 0 steps".into()))?;
@@ -620,7 +775,9 @@ impl Pipeline {
             }
             Ok(())
         };
-        flux.backend.planned(&mut plan_step, &mut denoise)?;
+        flux.backend
+            .planned(&mut plan_step, &mut denoise)
+            .map_err(|e| e.in_stage("denoising"))?;
         timings.push(("denoise", t0.elapsed()));
 
         progress(&Progress::Decoding);
@@ -636,7 +793,8 @@ impl Pipeline {
             .backend
             .planned(&mut || vae.decode(&latent, None).map(drop), &mut || {
                 vae.decode(&latent, None)
-            })?; // [3, H, W]
+            })
+            .map_err(|e| e.in_stage("decoding"))?; // [3, H, W]
         observe("pixels", &pixels);
         let image = RgbImage::from_tensor(&pixels, plan.width, plan.height)?;
         timings.push(("decode", t0.elapsed()));

@@ -27,6 +27,11 @@ pub struct Gpu {
     pub info: DeviceInfo,
     allocations: AtomicU64,
     allocated_bytes: AtomicU64,
+    /// Bytes of the allocations alive now, and the most ever alive at once: the measured peak a
+    /// memory plan is checked against.
+    in_use_bytes: AtomicU64,
+    peak_bytes: AtomicU64,
+    pinned_bytes: AtomicU64,
     sync_each_launch: bool,
 }
 
@@ -58,6 +63,9 @@ impl Gpu {
             info,
             allocations: AtomicU64::new(0),
             allocated_bytes: AtomicU64::new(0),
+            in_use_bytes: AtomicU64::new(0),
+            peak_bytes: AtomicU64::new(0),
+            pinned_bytes: AtomicU64::new(0),
             sync_each_launch: std::env::var("KONTEXT_CUDA_SYNC").as_deref() == Ok("1"),
         }))
     }
@@ -80,6 +88,27 @@ impl Gpu {
     /// Bytes allocated so far (never decreases).
     pub fn allocated_bytes(&self) -> u64 {
         self.allocated_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of device memory this process holds through [`Gpu::alloc`] now.
+    pub fn in_use_bytes(&self) -> u64 {
+        self.in_use_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once since the GPU was opened or [`Gpu::reset_peak`].
+    pub fn peak_bytes(&self) -> u64 {
+        self.peak_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak measurement from what is held now.
+    pub fn reset_peak(&self) {
+        self.peak_bytes
+            .store(self.in_use_bytes(), Ordering::Relaxed);
+    }
+
+    /// Bytes of page-locked host memory held through [`Gpu::alloc_pinned`].
+    pub fn pinned_bytes(&self) -> u64 {
+        self.pinned_bytes.load(Ordering::Relaxed)
     }
 
     /// `(free, total)` device memory in bytes.
@@ -155,11 +184,57 @@ impl Gpu {
         self.allocations.fetch_add(1, Ordering::Relaxed);
         self.allocated_bytes
             .fetch_add(bytes as u64, Ordering::Relaxed);
+        let now = self.in_use_bytes.fetch_add(bytes as u64, Ordering::Relaxed) + bytes as u64;
+        self.peak_bytes.fetch_max(now, Ordering::Relaxed);
         Ok(Arc::new(DeviceAlloc {
             ptr,
             bytes,
             gpu: self.clone(),
         }))
+    }
+
+    /// `bytes` of page-locked host memory (uninitialised).
+    pub fn alloc_pinned(self: &Arc<Self>, bytes: usize) -> Result<PinnedHost> {
+        if bytes == 0 {
+            return Ok(PinnedHost {
+                ptr: std::ptr::null_mut(),
+                bytes: 0,
+                gpu: self.clone(),
+            });
+        }
+        self.bind()?;
+        // SAFETY: a plain page-locked allocation; freed by PinnedHost's drop.
+        let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(|e| {
+            driver_err(
+                format!("cuMemHostAlloc of {bytes} bytes of page-locked host memory"),
+                e,
+            )
+        })?;
+        self.pinned_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(PinnedHost {
+            ptr: ptr as *mut u8,
+            bytes,
+            gpu: self.clone(),
+        })
+    }
+
+    /// A new copy stream beside the main one.
+    pub fn copy_queue(self: &Arc<Self>) -> Result<CopyQueue> {
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(|e| driver_err("cuStreamCreate", e))?;
+        Ok(CopyQueue {
+            stream,
+            gpu: self.clone(),
+        })
+    }
+
+    /// Work queued on the main stream from now on waits for the copies before `fence`.
+    pub fn wait_for(&self, fence: &CopyFence) -> Result<()> {
+        self.stream
+            .wait(&fence.0)
+            .map_err(|e| driver_err("cuStreamWaitEvent", e))
     }
 
     /// A new contiguous `[rows, cols]` matrix of `dtype` (one counted allocation).
@@ -368,7 +443,131 @@ impl Drop for DeviceAlloc {
         let _ = self.gpu.bind();
         let _ = self.gpu.synchronize();
         // SAFETY: `ptr` came from cuMemAlloc, is freed once, and no queued work uses it any more.
-        let _ = unsafe { result::free_sync(self.ptr) };
+        if unsafe { result::free_sync(self.ptr) }.is_ok() {
+            self.gpu
+                .in_use_bytes
+                .fetch_sub(self.bytes as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Page-locked host memory: what asynchronous copies to the device read from without the
+/// driver staging them (block streaming keeps the streamed weights here).
+pub struct PinnedHost {
+    ptr: *mut u8,
+    bytes: usize,
+    gpu: Arc<Gpu>,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; access goes through &self / &mut self.
+unsafe impl Send for PinnedHost {}
+// SAFETY: as above; shared access is read-only.
+unsafe impl Sync for PinnedHost {}
+
+impl PinnedHost {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        if self.bytes == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` points to `bytes` bytes allocated by cuMemHostAlloc, alive while self is.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.bytes == 0 {
+            return &mut [];
+        }
+        // SAFETY: as in `as_slice`, and `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        // A queued copy may still read the buffer: wait for every stream of the context.
+        let _ = self.gpu.bind();
+        let _ = self.gpu.ctx.synchronize();
+        // SAFETY: allocated by cuMemHostAlloc, freed once, no copy reads it any more.
+        if unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) }.is_ok() {
+            self.gpu
+                .pinned_bytes
+                .fetch_sub(self.bytes as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A second stream for host-to-device copies that overlap the kernels of the main stream, with
+/// the two orderings block streaming needs.
+pub struct CopyQueue {
+    stream: Arc<CudaStream>,
+    gpu: Arc<Gpu>,
+}
+
+/// The point on a [`CopyQueue`] up to which its copies are done, for the main stream to wait on.
+pub struct CopyFence(cudarc::driver::CudaEvent);
+
+impl CopyQueue {
+    /// Copies queued from now on wait for all work queued on the main stream so far (so they
+    /// never overwrite memory a queued kernel still reads).
+    pub fn after_compute(&self) -> Result<()> {
+        let e = self
+            .gpu
+            .stream
+            .record_event(None)
+            .map_err(|e| driver_err("cuEventRecord", e))?;
+        self.stream
+            .wait(&e)
+            .map_err(|e| driver_err("cuStreamWaitEvent", e))
+    }
+
+    /// Queues a copy of all of `src` to `offset` bytes into `dst`.
+    pub fn upload(&self, src: &PinnedHost, dst: &DeviceAlloc, offset: usize) -> Result<()> {
+        if offset + src.bytes > dst.bytes {
+            return Err(shape_err(
+                "CopyQueue::upload",
+                format!(
+                    "{} bytes at offset {offset} do not fit an allocation of {}",
+                    src.bytes, dst.bytes
+                ),
+            ));
+        }
+        if src.bytes == 0 {
+            return Ok(());
+        }
+        self.gpu.bind()?;
+        // SAFETY: the range lies inside `dst` (checked above); `src` is pinned memory the caller
+        // keeps alive until the fence of this copy has been waited for (PinnedHost's drop
+        // synchronises the context as well).
+        unsafe {
+            result::memcpy_htod_async(
+                dst.ptr + offset as u64,
+                src.as_slice(),
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| driver_err("cuMemcpyHtoDAsync (copy stream)", e))
+    }
+
+    /// A fence after every copy queued so far.
+    pub fn fence(&self) -> Result<CopyFence> {
+        self.stream
+            .record_event(None)
+            .map(CopyFence)
+            .map_err(|e| driver_err("cuEventRecord", e))
+    }
+
+    /// Waits on the host for every queued copy.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("cuStreamSynchronize (copy stream)", e))
     }
 }
 

@@ -15,6 +15,7 @@ pub mod model;
 pub mod resolve;
 pub mod safetensors;
 pub mod scheduler;
+pub mod sparse;
 pub mod t5;
 pub mod tensors;
 pub mod transformer;

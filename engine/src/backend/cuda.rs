@@ -37,12 +37,13 @@
 use crate::backend::{
     check_attention, check_bias, check_concat_cols, check_concat_rows, check_len, check_linear,
     check_qk_rope, check_row_vector, check_same, check_slice_cols, check_slice_rows, linear_shape,
-    Backend,
+    Backend, Placement, WeightTally,
 };
+use crate::cuda_stream::{StreamStats, StreamedWeight, Streamer};
 use crate::error::{shape_err, EngineError, Result};
 use crate::layers::{LN_EPS, RMS_EPS};
 use crate::lora::{check_terms, LoraTerm};
-use crate::weights::{HostWeight, StoredWeight};
+use crate::weights::{quantise_e4m3, HostWeight, StoredWeight};
 use half::bf16;
 use kontext_kernels::arena::{Pool, PoolRegion};
 use kontext_kernels::attention::{AttentionOpts, MAX_HEAD_DIM};
@@ -54,7 +55,7 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Largest score block of the wide-head attention path (f32 `[bq, L]`): 256 MiB. The VAE's
 /// mid-block at 1024² has L = 16384, so 4096 queries per block.
@@ -65,6 +66,8 @@ pub(crate) struct Device {
     pub(crate) gpu: Arc<Gpu>,
     pub(crate) k: Kernels,
     pub(crate) gemm: Gemm,
+    /// Created with the first streamed weight.
+    streamer: OnceLock<Streamer>,
 }
 
 struct Shared {
@@ -74,6 +77,8 @@ struct Shared {
     poison: AtomicBool,
     /// Bytes of the last pool [`Backend::planned`] allocated.
     last_pool_bytes: AtomicUsize,
+    placement: Mutex<Placement>,
+    tally: Mutex<WeightTally>,
 }
 
 /// The CUDA backend. Cheap to clone: clones share the GPU, the kernels and the weights' device.
@@ -199,9 +204,18 @@ pub struct CudaLinear {
     pub inp: usize,
     /// Whether the weight is fp8 (dequantised into a scratch tensor before each GEMM).
     pub fp8: bool,
-    weight: Option<DeviceWeight>,
+    weight: Home,
     bias: Option<DeviceMat>,
     lora: Vec<CudaLoraTerm>,
+}
+
+/// Where a linear weight lives.
+enum Home {
+    /// A planner's: nowhere.
+    Planned,
+    Device(DeviceWeight),
+    /// Host memory, copied in before each use.
+    Streamed(Arc<StreamedWeight>),
 }
 
 /// An attached LoRA term on the GPU: `A [rank, in]` and `B [rows, rank]` in bf16 (the
@@ -215,19 +229,19 @@ struct CudaLoraTerm {
 }
 
 impl CudaLinear {
-    fn weight(&self) -> Result<&DeviceWeight> {
-        self.weight
-            .as_ref()
-            .ok_or_else(|| shape_err("linear", "internal: a planner's weight reached a launch"))
+    /// Device bytes of the weight and bias (0 for a planner's; a streamed weight's are in its
+    /// slot, not counted here).
+    pub fn device_bytes(&self) -> usize {
+        let w = match &self.weight {
+            Home::Device(w) => w.data.desc().span_bytes(),
+            Home::Planned | Home::Streamed(_) => 0,
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.desc().span_bytes())
     }
 
-    /// Device bytes of the weight and bias (0 for a planner's).
-    pub fn device_bytes(&self) -> usize {
-        let w = self.weight.as_ref().map_or(0, |w| {
-            let d = w.data.desc();
-            d.span_bytes()
-        });
-        w + self.bias.as_ref().map_or(0, |b| b.desc().span_bytes())
+    /// Whether the weight lives in host memory and is copied in for each use.
+    pub fn is_streamed(&self) -> bool {
+        matches!(self.weight, Home::Streamed(_))
     }
 }
 
@@ -283,9 +297,16 @@ impl CudaBackend {
         let gemm = Gemm::new(&gpu)?;
         Ok(CudaBackend {
             shared: Arc::new(Shared {
-                dev: Some(Device { gpu, k, gemm }),
+                dev: Some(Device {
+                    gpu,
+                    k,
+                    gemm,
+                    streamer: OnceLock::new(),
+                }),
                 poison: AtomicBool::new(false),
                 last_pool_bytes: AtomicUsize::new(0),
+                placement: Mutex::default(),
+                tally: Mutex::default(),
             }),
         })
     }
@@ -300,8 +321,132 @@ impl CudaBackend {
                 dev: None,
                 poison: AtomicBool::new(false),
                 last_pool_bytes: AtomicUsize::new(0),
+                placement: Mutex::default(),
+                tally: Mutex::default(),
             }),
         }
+    }
+
+    /// The placement weights are loaded with now.
+    fn placement(&self) -> Placement {
+        self.shared
+            .placement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Counts `bytes` of device weight memory.
+    pub(crate) fn count_device(&self, bytes: usize) {
+        self.shared
+            .tally
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device += bytes as u64;
+    }
+
+    /// Allocates the streaming slots now (after loading), so that no later stage allocates
+    /// them. Nothing when nothing is streamed or for a planner.
+    pub fn prepare_streaming(&self) -> Result<()> {
+        if let Some(s) = self.shared.dev.as_ref().and_then(|d| d.streamer.get()) {
+            s.prepare()?;
+        }
+        Ok(())
+    }
+
+    /// Copies the streamed weights took so far (zeros when nothing is streamed).
+    pub fn stream_stats(&self) -> StreamStats {
+        self.shared
+            .dev
+            .as_ref()
+            .and_then(|d| d.streamer.get())
+            .map(Streamer::stats)
+            .unwrap_or_default()
+    }
+
+    /// Runs `f` with `w`'s weight on the device: its resident copy, or its slot after the
+    /// streamer copied it in.
+    fn with_weight<T>(
+        &self,
+        d: &Device,
+        w: &CudaLinear,
+        f: impl FnOnce(&DeviceWeight) -> Result<T>,
+    ) -> Result<T> {
+        match &w.weight {
+            Home::Device(dw) => f(dw),
+            Home::Streamed(s) => d
+                .streamer
+                .get()
+                .ok_or_else(|| {
+                    shape_err("linear", "internal: a streamed weight without a streamer")
+                })?
+                .with(s, f),
+            Home::Planned => Err(shape_err(
+                "linear",
+                "internal: a planner's weight reached a launch",
+            )),
+        }
+    }
+
+    /// Builds a linear layer's weight `[out, inp]` from its parts as the device holds them
+    /// (`dtype` bf16 or fp8; each part's bytes and scale, fp8 scales kept per part), placed as
+    /// [`CudaBackend::set_placement`] says, and counts its bytes.
+    fn place_weight(
+        &self,
+        key: &str,
+        parts: &[(&[u8], f32)],
+        dtype: DType,
+        (out, inp): (usize, usize),
+    ) -> Result<Home> {
+        let bytes = out * inp * dtype.size();
+        let stream = self.placement().streams(key);
+        {
+            let mut t = self.shared.tally.lock().unwrap_or_else(|e| e.into_inner());
+            if stream {
+                t.host += bytes as u64;
+                t.streamed += 1;
+                t.largest_streamed = t.largest_streamed.max(bytes as u64);
+            } else {
+                t.device += bytes as u64;
+            }
+        }
+        let Some(d) = &self.shared.dev else {
+            return Ok(Home::Planned);
+        };
+        let host = if dtype == DType::Bf16 {
+            HostDType::Bf16
+        } else {
+            HostDType::F8E4M3
+        };
+        if !stream {
+            return Ok(Home::Device(upload_weight(&d.gpu, parts, host, out, inp)?));
+        }
+        let mut pinned = d.gpu.alloc_pinned(bytes)?;
+        let mut scales = Vec::with_capacity(parts.len());
+        let (mut at, mut row0) = (0, 0);
+        for &(p, scale) in parts {
+            pinned.as_mut_slice()[at..at + p.len()].copy_from_slice(p);
+            let rows = p.len() / (inp * dtype.size()).max(1);
+            scales.push((row0..row0 + rows, scale));
+            at += p.len();
+            row0 += rows;
+        }
+        if dtype == DType::Bf16 {
+            scales = vec![(0..out, 1.0)];
+        }
+        let streamer = match d.streamer.get() {
+            Some(s) => s,
+            None => {
+                let s = Streamer::new(&d.gpu)?;
+                d.streamer.get_or_init(|| s)
+            }
+        };
+        Ok(Home::Streamed(streamer.add(
+            pinned,
+            dtype,
+            (out, inp),
+            scales,
+        )?))
     }
 
     /// The GPU (None for a planner).
@@ -486,28 +631,34 @@ impl CudaBackend {
     /// A bf16 linear layer from f32 values `[out, inp]` and a bias.
     fn linear_from_f32(
         &self,
+        key: &str,
         out: usize,
         inp: usize,
         data: &[f32],
         bias: Option<&[f32]>,
     ) -> Result<CudaLinear> {
-        let Some(d) = &self.shared.dev else {
-            return Ok(CudaLinear {
-                out,
-                inp,
-                fp8: false,
-                weight: None,
-                bias: None,
-                lora: Vec::new(),
-            });
+        let fp8 = self.placement().fp8;
+        let planning = self.shared.dev.is_none();
+        let weight = if fp8 {
+            let (codes, scale) = if planning {
+                (vec![0; out * inp], 1.0)
+            } else {
+                quantise_e4m3(data)
+            };
+            self.place_weight(key, &[(&codes, scale)], DType::F8E4M3, (out, inp))?
+        } else {
+            let bytes = if planning {
+                vec![0; out * inp * 2]
+            } else {
+                bf16_bytes(data)
+            };
+            self.place_weight(key, &[(&bytes, 1.0)], DType::Bf16, (out, inp))?
         };
-        let m = d.gpu.alloc_mat(DType::Bf16, out, inp)?;
-        d.gpu.write_bytes(&m, &bf16_bytes(data))?;
         Ok(CudaLinear {
             out,
             inp,
-            fp8: false,
-            weight: Some(DeviceWeight::single(m, 1.0)),
+            fp8,
+            weight,
             bias: self.upload_bias(bias)?,
             lora: Vec::new(),
         })
@@ -515,6 +666,9 @@ impl CudaBackend {
 
     /// A bias `[out]` as bf16 `[1, out]` (the GEMM epilogue's type).
     fn upload_bias(&self, bias: Option<&[f32]>) -> Result<Option<DeviceMat>> {
+        if let Some(b) = bias {
+            self.count_device(b.len() * 2);
+        }
         match (&self.shared.dev, bias) {
             (Some(d), Some(b)) => Ok(Some(d.gpu.upload_bf16(b, 1, b.len())?)),
             _ => Ok(None),
@@ -606,6 +760,18 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn set_placement(&self, p: Placement) {
+        *self
+            .shared
+            .placement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = p;
+    }
+
+    fn weight_tally(&self) -> WeightTally {
+        *self.shared.tally.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Result<CudaTensor> {
         check_len(data.len(), rows, cols)?;
         let t = self.tensor(DType::F32, rows, cols, "upload")?;
@@ -631,7 +797,13 @@ impl Backend for CudaBackend {
         bias: Option<HostWeight>,
     ) -> Result<CudaLinear> {
         let (out, inp) = linear_shape(key, &weight, bias.as_ref())?;
-        self.linear_from_f32(out, inp, &weight.data, bias.as_ref().map(|b| &b.data[..]))
+        self.linear_from_f32(
+            key,
+            out,
+            inp,
+            &weight.data,
+            bias.as_ref().map(|b| &b.data[..]),
+        )
     }
 
     fn load_linear_stored(
@@ -644,54 +816,69 @@ impl Backend for CudaBackend {
         weight.expect_shape(key, &weight.shape.clone())?;
         check_bias(key, bias.as_ref(), out)?;
         let dtype = host_dtype(key, weight.dtype)?;
-        let fp8 = matches!(dtype, HostDType::F8E4M3 | HostDType::F8E5M2);
-        let Some(d) = &self.shared.dev else {
-            return Ok(CudaLinear {
-                out,
-                inp,
-                fp8,
-                weight: None,
-                bias: None,
-                lora: Vec::new(),
-            });
-        };
+        let stored_fp8 = matches!(dtype, HostDType::F8E4M3 | HostDType::F8E5M2);
+        let fp8 = stored_fp8 || self.placement().fp8;
         let bias_dev = self.upload_bias(bias.as_ref().map(|b| &b.data[..]))?;
-        if fp8 {
+        let planning = self.shared.dev.is_none();
+        let home = if planning {
+            // Only the bytes count: no value is read (a dry run on the real files reads headers).
+            let bytes = vec![0u8; out * inp * if fp8 { 1 } else { 2 }];
+            let dt = if fp8 { DType::F8E4M3 } else { DType::Bf16 };
+            self.place_weight(key, &[(&bytes, 1.0)], dt, (out, inp))?
+        } else if dtype == HostDType::F8E5M2 {
+            // e5m2 has no place in a streamed or quantised layout; kept as stored, resident.
+            let d = self.dev()?;
+            let parts: Vec<(&[u8], f32)> = weight
+                .parts
+                .iter()
+                .map(|p| (&p.bytes[..], p.scale))
+                .collect();
+            self.count_device(out * inp);
+            Home::Device(upload_weight(&d.gpu, &parts, dtype, out, inp)?)
+        } else if stored_fp8 {
             // fp8 stays fp8, each part with its scale; dequantised before each GEMM.
             let parts: Vec<(&[u8], f32)> = weight
                 .parts
                 .iter()
                 .map(|p| (&p.bytes[..], p.scale))
                 .collect();
-            let w = upload_weight(&d.gpu, &parts, dtype, out, inp)?;
-            return Ok(CudaLinear {
-                out,
-                inp,
-                fp8,
-                weight: Some(w),
-                bias: bias_dev,
-                lora: Vec::new(),
-            });
-        }
-        // bf16 without a scale is copied as stored; anything else through f32 to bf16.
-        let m = d.gpu.alloc_mat(DType::Bf16, out, inp)?;
-        let mut row0 = 0;
-        for p in &weight.parts {
-            let dst = m.rows_range(row0, row0 + p.rows)?;
-            if dtype == HostDType::Bf16 && p.scale == 1.0 {
-                d.gpu.write_bytes(&dst, &p.bytes)?;
-            } else {
-                let mut v = Vec::with_capacity(p.rows * inp);
-                kontext_loader::dtype::decode_into(weight.dtype, &p.bytes, p.scale, &mut v);
-                d.gpu.write_bytes(&dst, &bf16_bytes(&v))?;
-            }
-            row0 += p.rows;
-        }
+            self.place_weight(key, &parts, DType::F8E4M3, (out, inp))?
+        } else if fp8 {
+            // Quantised at load: one scale per stored tensor (part).
+            let quantised: Vec<(Vec<u8>, f32)> = weight
+                .parts
+                .iter()
+                .map(|p| {
+                    let mut v = Vec::with_capacity(p.rows * inp);
+                    kontext_loader::dtype::decode_into(weight.dtype, &p.bytes, p.scale, &mut v);
+                    quantise_e4m3(&v)
+                })
+                .collect();
+            let parts: Vec<(&[u8], f32)> = quantised.iter().map(|(c, s)| (&c[..], *s)).collect();
+            self.place_weight(key, &parts, DType::F8E4M3, (out, inp))?
+        } else {
+            // bf16 without a scale is taken as stored; anything else through f32 to bf16.
+            let converted: Vec<std::borrow::Cow<'_, [u8]>> = weight
+                .parts
+                .iter()
+                .map(|p| {
+                    if dtype == HostDType::Bf16 && p.scale == 1.0 {
+                        std::borrow::Cow::Borrowed(&p.bytes[..])
+                    } else {
+                        let mut v = Vec::with_capacity(p.rows * inp);
+                        kontext_loader::dtype::decode_into(weight.dtype, &p.bytes, p.scale, &mut v);
+                        std::borrow::Cow::Owned(bf16_bytes(&v))
+                    }
+                })
+                .collect();
+            let parts: Vec<(&[u8], f32)> = converted.iter().map(|c| (&c[..], 1.0)).collect();
+            self.place_weight(key, &parts, DType::Bf16, (out, inp))?
+        };
         Ok(CudaLinear {
             out,
             inp,
             fp8,
-            weight: Some(DeviceWeight::single(m, 1.0)),
+            weight: home,
             bias: bias_dev,
             lora: Vec::new(),
         })
@@ -699,6 +886,7 @@ impl Backend for CudaBackend {
 
     fn load_vector(&self, key: &str, v: HostWeight) -> Result<CudaVector> {
         v.expect_shape(key, &[v.data.len()])?;
+        self.count_device(v.data.len() * 4);
         let mat = match &self.shared.dev {
             Some(d) => Some(d.gpu.upload_f32(&v.data, 1, v.data.len())?),
             None => None,
@@ -735,22 +923,30 @@ impl Backend for CudaBackend {
         if x.rows == 0 || w.out == 0 {
             return Ok(y);
         }
+        if self.planning() {
+            if let (Home::Streamed(s), Some(d)) = (&w.weight, &self.shared.dev) {
+                if let Some(st) = d.streamer.get() {
+                    st.observe(s);
+                }
+            }
+        }
         let scratch = if w.fp8 {
             Some(self.tensor(DType::Bf16, w.out, w.inp, "fp8 weight as bf16")?)
         } else {
             None
         };
         self.launch(|d| {
-            let weight = w.weight()?;
-            let wm = match &scratch {
-                Some(s) => {
-                    let s = s.mat()?;
-                    d.k.dequant_fp8(weight, s)?;
-                    s
-                }
-                None => &weight.data,
-            };
-            Ok(d.gemm.linear(x.mat()?, wm, w.bias.as_ref(), y.mat()?)?)
+            self.with_weight(d, w, |weight| {
+                let wm = match &scratch {
+                    Some(s) => {
+                        let s = s.mat()?;
+                        d.k.dequant_fp8(weight, s)?;
+                        s
+                    }
+                    None => &weight.data,
+                };
+                Ok(d.gemm.linear(x.mat()?, wm, w.bias.as_ref(), y.mat()?)?)
+            })
         })?;
         for t in &w.lora {
             // h [L, r] = x·Aᵀ, then y[:, row0..row0 + rows] += scale · h·Bᵀ, accumulated onto

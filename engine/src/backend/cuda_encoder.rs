@@ -62,6 +62,7 @@ impl EncoderBackend for CudaBackend {
         bias: Option<HostWeight>,
     ) -> Result<CudaConv> {
         let (cout, cin, kh, kw) = conv_shape(key, &weight, bias.as_ref())?;
+        self.count_device((cout * kh * kw * cin + bias.as_ref().map_or(0, |_| cout)) * 2);
         let (w, b) = match self.gpu() {
             Some(gpu) => {
                 let khwc = conv_weight_khwc(&weight.data, cout, cin, kh, kw)?;

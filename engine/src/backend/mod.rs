@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod cpu_encoder;
 pub mod cuda;
 pub mod cuda_encoder;
+pub mod cuda_stream;
 pub mod encoder_backend;
 pub mod ops;
 pub mod weights;

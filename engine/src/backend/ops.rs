@@ -13,6 +13,65 @@
 use crate::error::{shape_err, Result};
 use crate::lora::LoraTerm;
 use crate::weights::{HostWeight, StoredWeight};
+use std::sync::Arc;
+
+/// Which linear weights loaded next live in host memory and are copied in for each use.
+#[derive(Clone, Default)]
+pub enum StreamRule {
+    /// None: every weight resident.
+    #[default]
+    None,
+    /// Every linear weight.
+    All,
+    /// The linear weights whose key the predicate accepts.
+    Keys(Arc<dyn Fn(&str) -> bool + Send + Sync>),
+}
+
+impl std::fmt::Debug for StreamRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StreamRule::None => "None",
+            StreamRule::All => "All",
+            StreamRule::Keys(_) => "Keys(..)",
+        })
+    }
+}
+
+/// How the weights loaded next are placed; set per component by the memory plan
+/// ([`crate::memory`]). Backends that hold everything in host memory ignore it.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// Linear weights stored in bf16, f16 or f32 are quantised to float8 e4m3fn at load, one
+    /// scale per stored tensor (`max |w| / 448`); fp8 weights stay as stored either way.
+    pub fp8: bool,
+    /// Which linear weights stream from host memory (biases and vectors stay on the device).
+    pub stream: StreamRule,
+}
+
+impl Placement {
+    /// Whether the linear weight `key` streams.
+    pub fn streams(&self, key: &str) -> bool {
+        match &self.stream {
+            StreamRule::None => false,
+            StreamRule::All => true,
+            StreamRule::Keys(f) => f(key),
+        }
+    }
+}
+
+/// Weight bytes a backend loaded so far, by where they live. The CUDA planner counts the same
+/// bytes without allocating them, so a plan's weight figures are those of the real load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightTally {
+    /// Device memory of resident weights, biases, vectors and convolution kernels.
+    pub device: u64,
+    /// Host memory (page-locked) of streamed weights.
+    pub host: u64,
+    /// The largest streamed weight (each of the two device slots holds one).
+    pub largest_streamed: u64,
+    /// Streamed linear weights.
+    pub streamed: u64,
+}
 
 /// The ops one forward of the Flux transformer needs (spec 1.3 – 1.10).
 pub trait Backend {
@@ -32,6 +91,16 @@ pub trait Backend {
     fn check_memory(&self, params: u64) -> Result<()> {
         let _ = params;
         Ok(())
+    }
+
+    /// Places the weights loaded from now on. The default ignores it (host memory holds all).
+    fn set_placement(&self, p: Placement) {
+        let _ = p;
+    }
+
+    /// Weight bytes loaded so far (zero for backends that do not count them).
+    fn weight_tally(&self) -> WeightTally {
+        WeightTally::default()
     }
 
     /// Host f32 `[rows, cols]` → tensor.

@@ -15,8 +15,10 @@
 
 use crate::backend::Backend;
 use crate::error::{EngineError, Result};
+use crate::memory::MemoryOptions;
 use crate::model::Flux;
 use crate::pipeline::{Device, Engine, Pipeline};
+use crate::request::SizePlan;
 use kontext_loader::{load_lora, Lora, LoraPatch, ModelPaths};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -222,7 +224,19 @@ impl Pipeline {
         device: Device,
         specs: &[LoraSpec],
     ) -> Result<Pipeline> {
-        let mut p = Pipeline::load(paths, device)?;
+        Pipeline::load_configured(paths, device, specs, &MemoryOptions::default(), None)
+    }
+
+    /// [`Pipeline::load_with_loras`] with the memory plan made for `design` under `memory`
+    /// ([`Pipeline::load_with`]).
+    pub fn load_configured(
+        paths: &ModelPaths,
+        device: Device,
+        specs: &[LoraSpec],
+        memory: &MemoryOptions,
+        design: Option<(&SizePlan, usize)>,
+    ) -> Result<Pipeline> {
+        let mut p = Pipeline::load_with(paths, device, memory, design)?;
         let loras = specs
             .iter()
             .map(|s| {
