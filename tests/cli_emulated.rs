@@ -1,7 +1,8 @@
 //! `kontext-fast --device cuda` as a user runs it, on the emulated GPU (kernels/emu): the
 //! committed tiny pipeline edits an image through the project's CUDA kernels, cuBLASLt calls and
-//! CudaBackend, and must give the CPU reference's image within the bf16 tolerance; a device too
-//! small for the request gives one clear error. Run by `scripts/test` as
+//! CudaBackend, and must give the CPU reference's image within the bf16 tolerance; so must the
+//! head-dim-128 pipeline (the real attention geometry, bf16 weights); a device too small for the
+//! request gives one clear error. Run by `scripts/test` as
 //! `scripts/emulated cargo test --release --test cli_emulated -- --ignored`.
 
 use std::path::{Path, PathBuf};
@@ -11,6 +12,13 @@ fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/pipeline"
+    ))
+}
+
+fn dh128() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pipeline-dh128"
     ))
 }
 
@@ -26,21 +34,26 @@ fn emulated() {
     );
 }
 
+/// The tiny pipeline's edit of its context.png on `device`, 4 steps from seed 42.
 fn edit(device: &str, out: &Path, env: &[(&str, &str)]) -> Output {
-    let model = fixtures().join("tiny-kontext");
+    let args = ["--prompt", "Give the cat a space helmet"];
+    let more = ["--steps", "4", "--seed", "42"];
+    run(
+        &fixtures().join("tiny-kontext"),
+        device,
+        out,
+        env,
+        &[&args[..], &more].concat(),
+    )
+}
+
+/// `kontext-fast` with `model`, the tiny fixture's context.png, no resizing, on `device`, writing
+/// `out`, plus `args`.
+fn run(model: &Path, device: &str, out: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let image = fixtures().join("context.png");
     Command::new(env!("CARGO_BIN_EXE_kontext-fast"))
+        .args(["--model", s(model), "--image", s(&image)])
         .args([
-            "--model",
-            s(&model),
-            "--image",
-            s(&image),
-            "--prompt",
-            "Give the cat a space helmet",
-            "--steps",
-            "4",
-            "--seed",
-            "42",
             "--resize",
             "none",
             "--device",
@@ -49,6 +62,7 @@ fn edit(device: &str, out: &Path, env: &[(&str, &str)]) -> Output {
             "--output",
             s(out),
         ])
+        .args(args)
         .envs(env.iter().copied())
         .output()
         .unwrap()
@@ -57,6 +71,21 @@ fn edit(device: &str, out: &Path, env: &[(&str, &str)]) -> Output {
 fn pixels(p: &Path) -> Vec<u8> {
     image::open(p).unwrap().to_rgb8().into_raw()
 }
+
+/// The largest and the mean difference in levels between two images of one size.
+fn pixel_diff(a: &Path, b: &Path) -> (u8, f64) {
+    let (a, b) = (pixels(a), pixels(b));
+    assert_eq!(a.len(), b.len());
+    let diffs: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).collect();
+    let max = *diffs.iter().max().unwrap();
+    let mean = diffs.iter().map(|&v| v as f64).sum::<f64>() / diffs.len() as f64;
+    (max, mean)
+}
+
+// The bf16 tolerance of a finished tiny-pipeline image (engine::check::tol, measured on the CPU
+// emulation of the CUDA rounding points): ≤ 24 levels; the mean must stay small too.
+const MAX_LEVELS: u8 = 24;
+const MAX_MEAN_LEVELS: f64 = 2.0;
 
 #[test]
 #[ignore = "emulated GPU: scripts/emulated cargo test --release --test cli_emulated -- --ignored"]
@@ -79,15 +108,73 @@ fn edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tolerance() {
     );
     let c = edit("cpu", &cpu_png, &[]);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
-    let (a, b) = (pixels(&gpu_png), pixels(&cpu_png));
-    assert_eq!(a.len(), b.len());
-    let diffs: Vec<u8> = a.iter().zip(&b).map(|(x, y)| x.abs_diff(*y)).collect();
-    let max = *diffs.iter().max().unwrap();
-    let mean = diffs.iter().map(|&v| v as f64).sum::<f64>() / diffs.len() as f64;
+    let (max, mean) = pixel_diff(&gpu_png, &cpu_png);
     eprintln!("emulated GPU vs CPU: max {max} levels, mean {mean:.2}");
-    // The bf16 tolerance of a finished tiny-pipeline image (engine::check::tol, measured on the
-    // CPU emulation of the CUDA rounding points): ≤ 24 levels; the mean must stay small too.
-    assert!(max <= 24 && mean <= 2.0, "max {max}, mean {mean}");
+    assert!(
+        max <= MAX_LEVELS && mean <= MAX_MEAN_LEVELS,
+        "max {max}, mean {mean}"
+    );
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release --test cli_emulated -- --ignored"]
+fn head_dim_128_edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tolerance() {
+    // pipeline-dh128 (2 heads × 128, RoPE axes (16, 56, 56), bf16 weights): the fixture's edit
+    // (its noise file, 64×64 from the 80×64 context, 2 steps) on the GPU and on the CPU, whose
+    // image engine/tests/pipeline_e2e.rs checks against diffusers'.
+    emulated();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dh128().join("meta.json")).unwrap()).unwrap();
+    let case = &meta["cases"]["edit"];
+    let num = |k: &str| case[k].to_string();
+    let (w, h, steps, g) = (
+        num("width"),
+        num("height"),
+        num("num_inference_steps"),
+        num("guidance_scale"),
+    );
+    let noise = dh128().join("edit_noise.safetensors");
+    let args = [
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--width",
+        &w,
+        "--height",
+        &h,
+        "--steps",
+        &steps,
+        "--guidance",
+        &g,
+        "--noise",
+        s(&noise),
+    ];
+    let d = tempfile::tempdir().unwrap();
+    let (gpu_png, cpu_png) = (d.path().join("gpu.png"), d.path().join("cpu.png"));
+    let model = dh128().join("dh128-kontext");
+    let t = std::time::Instant::now();
+    let g = run(&model, "cuda", &gpu_png, &[], &args);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
+    assert!(
+        summary["gpu"].as_str().unwrap().contains("emulated"),
+        "{summary}"
+    );
+    let gpu_s = t.elapsed().as_secs_f64();
+    let c = run(&model, "cpu", &cpu_png, &[], &args);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let (max, mean) = pixel_diff(&gpu_png, &cpu_png);
+    let (dmax, dmean) = pixel_diff(&cpu_png, &dh128().join("edit_expected.png"));
+    eprintln!(
+        "head dim 128, emulated GPU vs CPU: max {max} levels, mean {mean:.2} ({gpu_s:.0} s emulated); CPU vs diffusers: max {dmax}, mean {dmean:.3}"
+    );
+    assert!(
+        dmax <= 1,
+        "the CPU run is the diffusers edit: max {dmax} levels"
+    );
+    assert!(
+        max <= MAX_LEVELS && mean <= MAX_MEAN_LEVELS,
+        "max {max}, mean {mean}"
+    );
 }
 
 #[test]
