@@ -41,7 +41,8 @@ use kontext_engine::weights::{
     quantise_e4m3, Fp8Weights, LazyRandomWeights, StoredPart, StoredWeight, WeightMap,
 };
 use kontext_engine::{
-    Backend, CpuBackend, CudaBackend, EngineError, Flux, FluxInputs, HostWeight, WeightSource,
+    Backend, CpuBackend, CudaBackend, EngineError, Flux, FluxInputs, HostWeight, QkScales,
+    WeightSource,
 };
 use kontext_kernels::arena::Pool;
 use kontext_kernels::Gpu;
@@ -545,6 +546,110 @@ fn ck_attention(c: &mut Check, l: usize, heads: usize, hd: usize, extra: usize) 
     Ok(())
 }
 
+/// `Backend::attention_qk_norm_rope` CUDA vs CPU, and which kernels the CUDA side launched: the
+/// tensor-core kernel for head dims 64 and 128 (and not the plain pair), the plain pair else.
+fn ck_attention_fused(
+    c: &mut Check,
+    l: usize,
+    (heads, hd): (usize, usize),
+    extra: usize,
+    split: usize,
+) -> R<()> {
+    let w = 3 * heads * hd + extra;
+    let qkv = c.randn(l, w, 0.0, 1.5);
+    let sc: Vec<Vec<f32>> = (0..4).map(|_| c.randn_f32(1, hd, 1.0, 0.2).data).collect();
+    let angles = c.randn_f32(l, hd / 2, 0.0, 3.0).data;
+    let pe: Vec<f32> = angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect();
+    fn on<B: Backend>(
+        b: &B,
+        qkv: &Mat,
+        (heads, hd): (usize, usize),
+        sc: &[Vec<f32>],
+        pe: &[f32],
+        split: usize,
+    ) -> E<Vec<f32>> {
+        let mut t = up(b, qkv)?;
+        let v = sc
+            .iter()
+            .map(|s| b.load_vector("qk scale", host(&[hd], s.clone())))
+            .collect::<E<Vec<_>>>()?;
+        let pe = b.upload(pe, qkv.rows, hd)?;
+        let scales = [
+            QkScales { q: &v[0], k: &v[1] },
+            QkScales { q: &v[2], k: &v[3] },
+        ];
+        b.download(&b.attention_qk_norm_rope(&mut t, (heads, hd), scales, split, &pe, 0)?)
+    }
+    let count = |b: &CudaBackend| -> std::collections::HashMap<&'static str, u64> {
+        b.launch_counts().into_iter().collect()
+    };
+    let before = count(&c.cuda);
+    let got = on(&c.cuda, &qkv, (heads, hd), &sc, &pe, split)?;
+    let after = count(&c.cuda);
+    let want = on(&c.cpu, &qkv, (heads, hd), &sc, &pe, split)?;
+    let shape = format!("L{l} H{heads} Dh{hd} W{w} split{split}");
+    // q̂, k̂ and the probabilities are bf16 operands of the tensor-core products.
+    let ok = c.record(
+        "op",
+        "attention_qk_norm_rope",
+        &shape,
+        &got,
+        &want,
+        tol::BF16_OP_ROUNDED,
+    );
+    if after.is_empty() {
+        c.note("op", "attention launches", "no GPU: not counted".into());
+        return Ok(());
+    }
+    let ran =
+        |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
+    let fast = format!("attention_mma_d{hd}");
+    let seen = format!(
+        "{fast} {}, attention_mma_k_norm_rope {}, attention {}, qk_norm_rope {}",
+        ran(&fast),
+        ran("attention_mma_k_norm_rope"),
+        ran("attention"),
+        ran("qk_norm_rope")
+    );
+    let expect_fast = kontext_kernels::attention_mma::HEAD_DIMS.contains(&hd) && w % 8 == 0;
+    let as_expected = if expect_fast {
+        ran(&fast) == 1
+            && ran("attention_mma_k_norm_rope") == 1
+            && ran("attention") == 0
+            && ran("qk_norm_rope") == 0
+    } else {
+        ran("attention") == 1 && ran("qk_norm_rope") >= 1 && ran("attention_mma_k_norm_rope") == 0
+    };
+    let what = format!(
+        "{shape}: {} path; launched {seen}",
+        if expect_fast { "fused" } else { "fallback" }
+    );
+    if as_expected {
+        c.note("op", "attention launches", what);
+    } else {
+        c.fail("op", "attention launches", what);
+    }
+    if ok && l >= 4096 && expect_fast {
+        let cuda = c.cuda.clone();
+        let mut qd = cuda.upload_bf16(&qkv.data, l, w)?;
+        let v = sc
+            .iter()
+            .map(|s| cuda.load_vector("qk scale", host(&[hd], s.clone())))
+            .collect::<E<Vec<_>>>()?;
+        let ped = cuda.upload(&pe, l, hd)?;
+        let ms = c.time(1, &mut || {
+            let scales = [
+                QkScales { q: &v[0], k: &v[1] },
+                QkScales { q: &v[2], k: &v[3] },
+            ];
+            cuda.attention_qk_norm_rope(&mut qd, (heads, hd), scales, split, &ped, 0)
+                .map(drop)
+        })?;
+        c.timed(ms, tflops(4.0 * (l * l * heads * hd) as f64, ms));
+    }
+    Ok(())
+}
+
 /// The elementwise ops and copies, by name, on any backend.
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Ew {
@@ -994,6 +1099,13 @@ fn ops(c: &mut Check, real: bool) {
     for (l, h, hd, extra) in [(5, 2, 8, 0), (37, 3, 64, 5), (300, 24, 128, 12288)] {
         c.guard("op", "attention", |c| ck_attention(c, l, h, hd, extra));
     }
+    // (L, heads, Dh, extra columns, split): fused (Dh 64, 128; two streams or one), fallback
+    // (Dh 6, odd width; two streams).
+    for (l, h, hd, extra, split) in [(37, 1, 64, 8, 20), (100, 2, 128, 0, 100), (9, 3, 6, 1, 4)] {
+        c.guard("op", "attention_qk_norm_rope", |c| {
+            ck_attention_fused(c, l, (h, hd), extra, split)
+        });
+    }
     // Encoder ops, tiny and odd.
     c.guard("op", "layer_norm", |c| ck_norm(c, false, 5, 33));
     c.guard("op", "rms_norm", |c| ck_norm(c, true, 5, 33));
@@ -1056,6 +1168,13 @@ fn ops(c: &mut Check, real: bool) {
         ck_qk_norm_rope(c, L, H, DH, 3 * D + M, L, 0)
     });
     c.guard("op", "attention", |c| ck_attention(c, L, H, DH, M));
+    // A single block's linear1 buffer; a double block's [txt ‖ img] qkv.
+    c.guard("op", "attention_qk_norm_rope", |c| {
+        ck_attention_fused(c, L, (H, DH), M, L)
+    });
+    c.guard("op", "attention_qk_norm_rope", |c| {
+        ck_attention_fused(c, L, (H, DH), 0, LT)
+    });
     let real_ew: &[(Ew, usize, usize)] = &[
         (Ew::Silu, 1, D),
         (Ew::GeluTanh, L, M),
@@ -1737,6 +1856,14 @@ fn main() -> ExitCode {
     }
     c.guard("model", "tiny pipeline", ck_pipeline);
     println!("[{:.0} s] models done", c.elapsed());
+    let launched: Vec<String> = c
+        .cuda
+        .launch_counts()
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    println!("kernel launches: {}", launched.join(", "));
     if opts.step && !opts.quick {
         c.guard("step", "transformer step bf16", |c| ck_step(c, false));
         c.guard("step", "transformer step fp8", |c| ck_step(c, true));

@@ -27,7 +27,7 @@ pub mod tokenizer;
 pub use backend::{cpu, cpu_encoder, cuda, cuda_encoder, cuda_stream, encoder_backend, weights};
 pub use model::{clip, layers, lora, t5, vae};
 
-pub use backend::Backend;
+pub use backend::{Backend, QkScales};
 pub use cpu::{CpuBackend, CpuLinear, CpuTensor};
 pub use cuda::{CudaBackend, CudaTensor};
 pub use error::{EngineError, Result};

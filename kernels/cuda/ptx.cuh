@@ -146,14 +146,17 @@ static inline PtxEmuBlock* ptx_emu_worker_table() {
         const void* k = __atomic_load_n(&ptx_emu_registry[i].key, __ATOMIC_ACQUIRE);
         if (k == key) return ptx_emu_registry[i].table;
         if (k == nullptr) {
-            PtxEmuBlock* t = static_cast<PtxEmuBlock*>(calloc(1, sizeof(PtxEmuBlock)));
-            if (!t) ptx_emu_fail("cp.async: out of host memory");
-            ptx_emu_registry[i].table = t;  // the slot is read only by the thread that owns key
+            // Claim the slot first, then fill it: a worker that loses the race must not write
+            // the slot's table (it would replace the winner's with one it then frees).
             const void* expected = nullptr;
             if (__atomic_compare_exchange_n(&ptx_emu_registry[i].key, &expected, key, false,
-                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+                PtxEmuBlock* t = static_cast<PtxEmuBlock*>(calloc(1, sizeof(PtxEmuBlock)));
+                if (!t) ptx_emu_fail("cp.async: out of host memory");
+                ptx_emu_registry[i].table = t;  // read only by this thread, the slot's owner
                 return t;
-            free(t);  // another worker took the slot first: look further
+            }
+            // Another worker took the slot: look further.
         }
     }
     ptx_emu_fail("cp.async: more worker threads than the twin's registry holds");

@@ -15,6 +15,7 @@
 use half::bf16;
 use kontext_kernels::arena::{Arena, ArenaPlan, Pool};
 use kontext_kernels::attention::AttentionOpts;
+use kontext_kernels::attention_mma::{Prologue, QkScales};
 use kontext_kernels::conv::ConvGeometry;
 use kontext_kernels::elementwise::Unary;
 use kontext_kernels::gemm::Gemm;
@@ -558,6 +559,181 @@ fn check_attention(c: &mut Check) -> R<()> {
             floor: 1e-6,
         },
     );
+    Ok(())
+}
+
+/// QKNorm then RoPE of the q and k columns of `x [rows, w]` in f64 (rows `[0, split)` with
+/// `scales[0]`, the others with `scales[1]`; pe rows from `row0`): the reference of the fused
+/// prologue, the same definition `check_qk_norm_rope` checks the plain kernel against.
+#[allow(clippy::too_many_arguments)]
+fn ref_qk_norm_rope(
+    x: &[f32],
+    (rows, w): (usize, usize),
+    (heads, hd): (usize, usize),
+    scales: [(&[f32], &[f32]); 2],
+    split: usize,
+    pe: &[f32],
+    row0: usize,
+) -> Vec<f64> {
+    let mut y: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for r in 0..rows {
+        let per = &pe[(row0 + r) * hd..][..hd];
+        let (qs, ks) = scales[usize::from(r >= split)];
+        for (part, sc) in [(0, qs), (1, ks)] {
+            for h in 0..heads {
+                let o = r * w + part * heads * hd + h * hd;
+                let ms = x[o..o + hd]
+                    .iter()
+                    .map(|&v| (v as f64).powi(2))
+                    .sum::<f64>()
+                    / hd as f64;
+                let rr = 1.0 / (ms + 1e-6).sqrt();
+                for j in 0..hd / 2 {
+                    let a = x[o + 2 * j] as f64 * rr * sc[2 * j] as f64;
+                    let b = x[o + 2 * j + 1] as f64 * rr * sc[2 * j + 1] as f64;
+                    let (cs, sn) = (per[2 * j] as f64, per[2 * j + 1] as f64);
+                    y[o + 2 * j] = cs * a - sn * b;
+                    y[o + 2 * j + 1] = sn * a + cs * b;
+                }
+            }
+        }
+    }
+    y
+}
+
+fn check_attention_mma(c: &mut Check) -> R<()> {
+    if let Err(e) = kontext_kernels::attention_mma::supports(128, c.gpu.info.compute_capability) {
+        println!("attention_mma: skipped ({e})");
+        return Ok(());
+    }
+    // (L, heads, Dh, extra columns, split, pe_row0): one query, odd lengths (no multiple of a
+    // tile; one head; both head dims), a tile-aligned length, then a single block's linear1
+    // buffer at Flux width. split < L: two streams' QKNorms in one call (a double block).
+    let cases: [(usize, usize, usize, usize, usize, usize); 6] = [
+        (1, 1, 64, 0, 1, 0),
+        (37, 1, 128, 8, 20, 3),
+        (130, 1, 64, 0, 130, 5),
+        (77, 3, 128, 0, 0, 0),
+        (256, 2, 128, 0, 100, 0),
+        (600, 24, 128, 12288, 600, 0),
+    ];
+    for (l, heads, hd, extra, split, row0) in cases {
+        if c.small && l * heads > 1024 {
+            continue;
+        }
+        let d = heads * hd;
+        let w = 3 * d + extra;
+        let x = c.rng.bf16s(l * w, 0.0, 1.5);
+        let sc: Vec<Vec<f32>> = (0..4).map(|_| c.rng.bf16s(hd, 1.0, 0.3)).collect();
+        let lpe = row0 + l;
+        let angles: Vec<f32> = (0..lpe * hd / 2).map(|_| 3.0 * c.rng.normal()).collect();
+        let pe: Vec<f32> = angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect();
+        let dx = c.up(&x, l, w)?;
+        let dsc: Vec<DeviceMat> = sc.iter().map(|v| c.up32(v, 1, hd)).collect::<R<_>>()?;
+        let dpe = c.up32(&pe, lpe, hd)?;
+        // The output is the first D columns of a wider buffer (the next GEMM's operand).
+        let wide = c.out(l, d + 24)?;
+        let out = wide.cols_range(0, d)?;
+        let descs: Vec<_> = dsc.iter().map(|m| m.desc()).collect();
+        let pe_desc = dpe.desc();
+        let p = Prologue {
+            heads,
+            head_dim: hd,
+            scales: [
+                QkScales {
+                    q: &descs[0],
+                    k: &descs[1],
+                },
+                QkScales {
+                    q: &descs[2],
+                    k: &descs[3],
+                },
+            ],
+            split,
+            pe: &pe_desc,
+            pe_row0: row0,
+            eps: 1e-6,
+        };
+        c.k.attention_mma(&dx, &p, &out)?;
+        let got = c.read(&out)?;
+        let got_qkv = c.read(&dx)?;
+        let normed = ref_qk_norm_rope(
+            &x,
+            (l, w),
+            (heads, hd),
+            [(&sc[0], &sc[1]), (&sc[2], &sc[3])],
+            split,
+            &pe,
+            row0,
+        );
+        let normed32: Vec<f32> = normed.iter().map(|&v| v as f32).collect();
+        let qs: Vec<usize> = if l <= 300 {
+            (0..l).collect()
+        } else {
+            let mut v: Vec<usize> = (0..30)
+                .map(|_| (c.rng.next_u64() % l as u64) as usize)
+                .collect();
+            v.extend([0, l - 1]);
+            v
+        };
+        let want = ref_attention(
+            &normed32,
+            l,
+            w,
+            heads,
+            hd,
+            1.0 / (hd as f64).sqrt(),
+            false,
+            None,
+            &qs,
+        );
+        let got_rows: Vec<f32> = qs
+            .iter()
+            .flat_map(|&i| got[i * d..(i + 1) * d].to_vec())
+            .collect();
+        let sampled = if qs.len() < l {
+            format!(" ({} rows)", qs.len())
+        } else {
+            String::new()
+        };
+        // bf16 q̂, k̂ and P into f32 products, one bf16 rounding: ‖e‖/‖r‖ ≈ 2e-3 measured.
+        c.compare(
+            "attention_mma",
+            &format!("L{l} H{heads} Dh{hd} W{w} split{split} pe+{row0}{sampled}"),
+            &got_rows,
+            &want,
+            Tol::Norm(1e-2),
+        );
+        // The k prologue's in-place result, 1 ulp of the f64 reference like qk_norm_rope; q, v
+        // and the columns past them come back bit for bit.
+        let (k_got, k_want): (Vec<f32>, Vec<f64>) = (0..l)
+            .flat_map(|r| (r * w + d..r * w + 2 * d).map(|i| (got_qkv[i], normed[i])))
+            .unzip();
+        c.compare(
+            "attention_mma (k̂ in place)",
+            &format!("[{l}, {d}]"),
+            &k_got,
+            &k_want,
+            Tol::Ulp {
+                ulps: 1.0,
+                floor: 1e-5,
+            },
+        );
+        let (rest_got, rest_want): (Vec<f32>, Vec<f64>) = (0..l)
+            .flat_map(|r| {
+                (r * w..r * w + d)
+                    .chain(r * w + 2 * d..(r + 1) * w)
+                    .map(|i| (got_qkv[i], x[i] as f64))
+            })
+            .unzip();
+        c.compare(
+            "attention_mma (q, v, rest)",
+            &format!("[{l}, {}]", w - d),
+            &rest_got,
+            &rest_want,
+            Tol::Exact,
+        );
+    }
     Ok(())
 }
 
@@ -1208,6 +1384,25 @@ fn timings(c: &mut Check) -> R<Vec<(String, String, f64, String)>> {
         ms,
         tfs(4.0 * (l * l * d) as f64, ms),
     ));
+    let dpe_d = dpe.desc();
+    let sd = sc.desc();
+    let scales = QkScales { q: &sd, k: &sd };
+    let p = Prologue {
+        heads: 24,
+        head_dim: 128,
+        scales: [scales, scales],
+        split: l,
+        pe: &dpe_d,
+        pe_row0: 0,
+        eps: 1e-6,
+    };
+    let ms = time_ms(c, 3, || Ok(c.k.attention_mma(&h, &p, &attn)?))?;
+    rows.push((
+        "attention_mma (+k̂ pass)".into(),
+        format!("L{l} H24 Dh128"),
+        ms,
+        tfs(4.0 * (l * l * d) as f64, ms),
+    ));
     let mlp = h.cols_range(9216, 21504)?;
     let ms = time_ms(c, 10, || Ok(c.k.unary(Unary::GeluTanh, &mlp, &mlp)?))?;
     rows.push((
@@ -1363,10 +1558,11 @@ fn run(opts: Opts) -> R<bool> {
         small: opts.small,
     };
     type Step = fn(&mut Check) -> R<()>;
-    let steps: [(&str, Step); 9] = [
+    let steps: [(&str, Step); 10] = [
         ("norms", check_norms),
         ("qk_norm_rope", check_qk_norm_rope),
         ("attention", check_attention),
+        ("attention_mma", check_attention_mma),
         ("elementwise", check_elementwise),
         ("fp8", check_fp8),
         ("conv", check_conv),

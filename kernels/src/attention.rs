@@ -68,6 +68,11 @@ impl Functions {
             softmax_rows: function(m, &FAMILY, "softmax_rows")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![&self.attention, &self.softmax_rows]
+    }
 }
 
 /// The variant of attention: softmax scale, causal mask, additive position bias.

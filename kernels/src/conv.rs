@@ -60,6 +60,11 @@ impl Functions {
             upsample: function(m, &FAMILY, "upsample_nearest2x")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![&self.im2col, &self.upsample]
+    }
 }
 
 /// A convolution's geometry on an `h × w` input (batch 1).

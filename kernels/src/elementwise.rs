@@ -147,6 +147,24 @@ impl Functions {
             transpose: f("transpose")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![
+            &self.silu,
+            &self.gelu_tanh,
+            &self.quick_gelu,
+            &self.gelu_tanh_mul,
+            &self.add_assign,
+            &self.gate_residual,
+            &self.scale_shift,
+            &self.copy2d,
+            &self.cast_f32_bf16,
+            &self.cast_bf16_f32,
+            &self.gather_rows,
+            &self.transpose,
+        ]
+    }
 }
 
 /// The pointwise activation of [`Kernels::unary`].

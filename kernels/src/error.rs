@@ -21,6 +21,10 @@ pub enum KernelError {
     /// A launcher's operands do not fit the kernel's contract (shape, dtype, alignment, aliasing).
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
+    /// A fast kernel does not take these operands (head dim, architecture); the caller falls
+    /// back to the general kernel. Distinct from [`KernelError::Shape`], which is a caller's bug.
+    #[error("{op}: {msg}")]
+    Unsupported { op: &'static str, msg: String },
     /// A CUDA driver call failed.
     #[error("CUDA driver error in {op}: {msg}")]
     Driver { op: String, msg: String },

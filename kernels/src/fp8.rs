@@ -43,6 +43,11 @@ impl Functions {
             e5m2: function(m, &FAMILY, "fp8_e5m2_to_bf16")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![&self.e4m3, &self.e5m2]
+    }
 }
 
 /// Checks a dequantisation: `w` fp8 and `out` bf16 of one shape, both contiguous (the kernel

@@ -43,6 +43,11 @@ impl Functions {
             group_norm: function(m, &FAMILY, "group_norm")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![&self.group_norm]
+    }
 }
 
 /// Checks x bf16 `[P, C]` contiguous, `groups` dividing C, w and b f32 `[1, C]`, y like x (or x

@@ -10,6 +10,7 @@ use crate::desc::LaunchDims;
 use crate::error::{driver_err, KernelError, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::{CudaFunction, LaunchArgs, PushKernelArg};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The kind of one kernel parameter, as passed by value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,16 +32,30 @@ pub struct Kernel {
     pub args: &'static [Arg],
 }
 
-/// A resolved kernel function with its signature.
+/// A resolved kernel function with its signature and the count of its launches.
 pub(crate) struct Loaded {
     pub(crate) func: CudaFunction,
     pub(crate) sig: &'static Kernel,
+    /// Launches queued so far (one relaxed increment each): what proves which kernel of a
+    /// fast path and its fallback ran ([`crate::Kernels::launch_counts`]).
+    pub(crate) launches: AtomicU64,
+}
+
+impl Loaded {
+    pub(crate) fn new(func: CudaFunction, sig: &'static Kernel) -> Loaded {
+        Loaded {
+            func,
+            sig,
+            launches: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Arguments being pushed for one launch, checked against the kernel's signature.
 pub(crate) struct Launch<'a> {
     gpu: &'a Gpu,
     sig: &'static Kernel,
+    launches: &'a AtomicU64,
     args: LaunchArgs<'a>,
     pushed: Vec<Arg>,
 }
@@ -50,6 +65,7 @@ impl<'a> Launch<'a> {
         Launch {
             gpu,
             sig: k.sig,
+            launches: &k.launches,
             args: gpu.stream().launch_builder(&k.func),
             pushed: Vec::with_capacity(k.sig.args.len()),
         }
@@ -89,7 +105,17 @@ impl<'a> Launch<'a> {
     /// # Safety
     /// The caller has validated every operand against the kernel's contract (shapes, types,
     /// bounds, aliasing): the kernel will only touch memory inside the regions it was given.
-    pub(crate) unsafe fn run(mut self, dims: LaunchDims) -> Result<()> {
+    pub(crate) unsafe fn run(self, dims: LaunchDims) -> Result<()> {
+        // SAFETY: the caller's contract, unchanged; no dynamic shared memory.
+        unsafe { self.run_with_smem(dims, 0) }
+    }
+
+    /// [`Launch::run`] with `smem_bytes` of dynamic shared memory (the kernel's limit raised at
+    /// resolve time where it passes 48 KiB).
+    ///
+    /// # Safety
+    /// As [`Launch::run`]; the kernel's use of dynamic shared memory fits `smem_bytes`.
+    pub(crate) unsafe fn run_with_smem(mut self, dims: LaunchDims, smem_bytes: u32) -> Result<()> {
         if self.pushed != self.sig.args {
             return Err(KernelError::Shape {
                 op: "launch",
@@ -102,8 +128,11 @@ impl<'a> Launch<'a> {
         // SAFETY: the argument kinds match the kernel's parameter list (checked above, and the
         // list against the source by the compile test); operand validity is the caller's
         // contract (this function's `# Safety`).
-        unsafe { self.args.launch(dims.config()) }
+        let mut cfg = dims.config();
+        cfg.shared_mem_bytes = smem_bytes;
+        unsafe { self.args.launch(cfg) }
             .map_err(|e| driver_err(format!("launch {}", self.sig.name), e))?;
+        self.launches.fetch_add(1, Ordering::Relaxed);
         self.gpu.launched(self.sig.name)
     }
 }

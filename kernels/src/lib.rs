@@ -20,6 +20,7 @@
 
 pub mod arena;
 pub mod attention;
+pub mod attention_mma;
 pub mod cache;
 pub mod conv;
 pub mod desc;
@@ -47,6 +48,7 @@ use cudarc::driver::CudaModule;
 use cudarc::nvrtc::Ptx;
 use launch::{Launch, Loaded};
 use nvrtc::Nvrtc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -72,11 +74,12 @@ pub const PTX_CUH: &str = include_str!("../cuda/ptx.cuh");
 /// compiled into the binary, so a carried binary needs no source tree.
 pub const HEADERS: [(&str, &str); 2] = [("common.cuh", COMMON_CUH), ("ptx.cuh", PTX_CUH)];
 
-/// Every kernel family (what the NVRTC test compiles; `Kernels::load` loads the same seven).
-pub const FAMILIES: [Family; 7] = [
+/// Every kernel family (what the NVRTC test compiles; `Kernels::load` loads the same eight).
+pub const FAMILIES: [Family; 8] = [
     norm_modulate::FAMILY,
     qk_norm_rope::FAMILY,
     attention::FAMILY,
+    attention_mma::FAMILY,
     elementwise::FAMILY,
     fp8::FAMILY,
     conv::FAMILY,
@@ -105,6 +108,7 @@ pub struct Kernels {
     norm: norm_modulate::Functions,
     qk: qk_norm_rope::Functions,
     attn: attention::Functions,
+    amma: attention_mma::Functions,
     ew: elementwise::Functions,
     fp8: fp8::Functions,
     conv: conv::Functions,
@@ -128,7 +132,7 @@ pub(crate) fn function(
     let func = m.load_function(name).map_err(|e| {
         error::driver_err(format!("cuModuleGetFunction {}::{name}", family.name), e)
     })?;
-    Ok(Loaded { func, sig })
+    Ok(Loaded::new(func, sig))
 }
 
 impl Kernels {
@@ -148,22 +152,54 @@ impl Kernels {
         let norm = norm_modulate::Functions::resolve(&load(&norm_modulate::FAMILY)?)?;
         let qk = qk_norm_rope::Functions::resolve(&load(&qk_norm_rope::FAMILY)?)?;
         let attn = attention::Functions::resolve(&load(&attention::FAMILY)?)?;
+        let amma = attention_mma::Functions::resolve(&load(&attention_mma::FAMILY)?)?;
         let ew = elementwise::Functions::resolve(&load(&elementwise::FAMILY)?)?;
         let fp8 = fp8::Functions::resolve(&load(&fp8::FAMILY)?)?;
         let conv = conv::Functions::resolve(&load(&conv::FAMILY)?)?;
         let gn = group_norm::Functions::resolve(&load(&group_norm::FAMILY)?)?;
         report.seconds = start.elapsed().as_secs_f64();
-        Ok(Kernels {
+        let k = Kernels {
             gpu: gpu.clone(),
             norm,
             qk,
             attn,
+            amma,
             ew,
             fp8,
             conv,
             gn,
             report,
-        })
+        };
+        // Every listed kernel is counted: a family's `loaded()` that forgot one would hide it.
+        let listed: usize = FAMILIES.iter().map(|f| f.kernels.len()).sum();
+        if k.launch_counts().len() != listed {
+            return Err(KernelError::Shape {
+                op: "resolve",
+                msg: format!(
+                    "internal: {} kernels counted, the families list {listed}",
+                    k.launch_counts().len()
+                ),
+            });
+        }
+        Ok(k)
+    }
+
+    /// Launches queued so far per kernel, every kernel of every family (`(name, count)`, in
+    /// family order): cheap counters, valid on a real GPU too, so a check can prove which kernel
+    /// of a fast path and its fallback ran.
+    pub fn launch_counts(&self) -> Vec<(&'static str, u64)> {
+        let mut all: Vec<&Loaded> = Vec::new();
+        all.extend(self.norm.loaded());
+        all.extend(self.qk.loaded());
+        all.extend(self.attn.loaded());
+        all.extend(self.amma.loaded());
+        all.extend(self.ew.loaded());
+        all.extend(self.fp8.loaded());
+        all.extend(self.conv.loaded());
+        all.extend(self.gn.loaded());
+        all.iter()
+            .map(|k| (k.sig.name, k.launches.load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// A checked argument builder for `k` on the GPU's stream.
@@ -247,6 +283,19 @@ mod tests {
         assert_eq!(
             define(a, "SOFTMAX_THREADS"),
             attention::SOFTMAX_THREADS as usize
+        );
+        let m = src(&attention_mma::FAMILY);
+        assert_eq!(
+            define(m, "AMMA_WARPS") * 32,
+            attention_mma::THREADS as usize
+        );
+        assert_eq!(define(m, "AMMA_BQ"), attention_mma::QUERIES_PER_BLOCK);
+        assert_eq!(define(m, "AMMA_BQ"), 16 * define(m, "AMMA_WARPS"));
+        assert_eq!(define(m, "AMMA_BK"), attention_mma::KEYS_PER_TILE);
+        assert_eq!(define(m, "AMMA_PAD"), attention_mma::ROW_PAD);
+        assert_eq!(
+            define(m, "AMMA_KNR_THREADS"),
+            attention_mma::K_THREADS as usize
         );
         let e = src(&elementwise::FAMILY);
         assert_eq!(define(e, "EW_THREADS"), elementwise::THREADS as usize);

@@ -70,6 +70,11 @@ impl Functions {
             rms_norm: function(m, &FAMILY, "rms_norm")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![&self.norm_modulate, &self.layer_norm, &self.rms_norm]
+    }
 }
 
 /// A validated row norm: launch shape and the kernel's `int` arguments.

@@ -45,6 +45,11 @@ impl Functions {
             qk_norm_rope: function(m, &FAMILY, "qk_norm_rope")?,
         })
     }
+
+    /// Every kernel of the family ([`Kernels::launch_counts`]).
+    pub(crate) fn loaded(&self) -> Vec<&Loaded> {
+        vec![&self.qk_norm_rope]
+    }
 }
 
 /// A validated launch.

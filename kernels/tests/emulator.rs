@@ -7,6 +7,7 @@
 //! (`scripts/test` runs exactly that.)
 
 mod emulator {
+    mod attention_mma;
     mod detectors;
     mod gemm;
     pub mod harness;

@@ -1067,6 +1067,22 @@ impl Backend for CudaBackend {
         self.attention_impl("attention", qkv, (num_heads, head_dim), scale, None, false)
     }
 
+    /// The tensor-core kernel with QKNorm and RoPE fused in, where it applies
+    /// ([`crate::backend::cuda_attention`]); else the default's two ops.
+    fn attention_qk_norm_rope(
+        &self,
+        qkv: &mut CudaTensor,
+        dims: (usize, usize),
+        scales: [crate::backend::QkScales<'_, CudaVector>; 2],
+        split: usize,
+        pe: &CudaTensor,
+        pe_row0: usize,
+    ) -> Result<CudaTensor> {
+        crate::backend::cuda_attention::attention_qk_norm_rope(
+            self, qkv, dims, scales, split, pe, pe_row0,
+        )
+    }
+
     fn gate_residual(&self, x: &mut CudaTensor, gate: &CudaTensor, y: &CudaTensor) -> Result<()> {
         check_same("gate_residual", self.dims(x), self.dims(y))?;
         check_row_vector("gate_residual", "gate", self.dims(gate), x.cols)?;

@@ -6,6 +6,7 @@
 pub mod cpu;
 pub mod cpu_encoder;
 pub mod cuda;
+mod cuda_attention;
 pub mod cuda_encoder;
 pub mod cuda_stream;
 pub mod encoder_backend;

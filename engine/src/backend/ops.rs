@@ -203,6 +203,25 @@ pub trait Backend {
         num_heads: usize,
         head_dim: usize,
     ) -> Result<Self::Tensor>;
+    /// The attention with its prologue, as one op: [`Backend::qk_norm_rope`] on the q and k
+    /// columns of `qkv [L, W]` (rows `[0, split)` with `scales[0]`, rows `[split, L)` with
+    /// `scales[1]`, pe rows from `pe_row0`), then [`Backend::attention`] → `[L, H·Dh]`. A double
+    /// block passes its concatenated `[txt ‖ img]` qkv with split = Lt and pe_row0 = 0 (pe's rows
+    /// are the joint sequence's, text first); a single block split = L. Afterwards the q and k
+    /// columns of qkv hold unspecified values (normalised, or not, by a fused kernel); v and the
+    /// columns past it are untouched. The default composes the two ops (the CPU reference);
+    /// the CUDA backend runs one fused tensor-core kernel where it applies.
+    fn attention_qk_norm_rope(
+        &self,
+        qkv: &mut Self::Tensor,
+        (num_heads, head_dim): (usize, usize),
+        scales: [QkScales<'_, Self::Vector>; 2],
+        split: usize,
+        pe: &Self::Tensor,
+        pe_row0: usize,
+    ) -> Result<Self::Tensor> {
+        qk_norm_rope_then_attention(self, qkv, (num_heads, head_dim), scales, split, pe, pe_row0)
+    }
     /// `x += gate ⊙ y`: x and y `[L, D]`, gate `[1, D]` broadcast over rows.
     fn gate_residual(
         &self,
@@ -218,6 +237,52 @@ pub trait Backend {
     fn slice_rows(&self, x: &Self::Tensor, begin: usize, end: usize) -> Result<Self::Tensor>;
     /// Columns `[begin, end)` of `x [L, C]` → `[L, end − begin]`.
     fn slice_cols(&self, x: &Self::Tensor, begin: usize, end: usize) -> Result<Self::Tensor>;
+}
+
+/// The QKNorm scales `[Dh]` of q and of k of one stream (`Backend::attention_qk_norm_rope`).
+pub struct QkScales<'a, V> {
+    /// `query_norm.scale`.
+    pub q: &'a V,
+    /// `key_norm.scale`.
+    pub k: &'a V,
+}
+
+impl<V> Clone for QkScales<'_, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<V> Copy for QkScales<'_, V> {}
+
+/// [`Backend::attention_qk_norm_rope`] as the two unfused ops: the default, and a fast path's
+/// fallback. Two streams are normalised each in its own row range (sliced and joined again).
+pub fn qk_norm_rope_then_attention<B: Backend + ?Sized>(
+    b: &B,
+    qkv: &mut B::Tensor,
+    (num_heads, head_dim): (usize, usize),
+    [first, rest]: [QkScales<'_, B::Vector>; 2],
+    split: usize,
+    pe: &B::Tensor,
+    pe_row0: usize,
+) -> Result<B::Tensor> {
+    let (l, _) = b.dims(qkv);
+    if split > l {
+        return Err(shape_err(
+            "attention_qk_norm_rope",
+            format!("split = {split} is past the {l} rows of qkv"),
+        ));
+    }
+    if split == l || split == 0 {
+        let s = if split == l { first } else { rest };
+        b.qk_norm_rope(qkv, num_heads, s.q, s.k, pe, pe_row0)?;
+    } else {
+        let mut a = b.slice_rows(qkv, 0, split)?; // [split, W]
+        let mut c = b.slice_rows(qkv, split, l)?; // [L − split, W]
+        b.qk_norm_rope(&mut a, num_heads, first.q, first.k, pe, pe_row0)?;
+        b.qk_norm_rope(&mut c, num_heads, rest.q, rest.k, pe, pe_row0 + split)?;
+        *qkv = b.concat_rows(&a, &c)?; // [L, W]
+    }
+    b.attention(qkv, num_heads, head_dim)
 }
 
 // Operand checks both backends run before an op: backend-independent, on `(rows, cols)` pairs,

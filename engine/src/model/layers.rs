@@ -6,7 +6,7 @@
 
 #![warn(missing_docs)]
 
-use crate::backend::Backend;
+use crate::backend::{Backend, QkScales};
 use crate::error::{shape_err, EngineError, Result};
 use crate::weights::{load_linear, load_vector, WeightSource};
 
@@ -389,21 +389,28 @@ impl<B: Backend> DoubleStreamBlock<B> {
             txt_mod2,
         } = m; // 4 × 3 × [1, D]
 
-        // image q, k, v: pe rows [Lt, L)
+        // image q, k, v
         let img_modulated = b.norm_modulate(&img, &img_mod1.shift, &img_mod1.scale)?; // [Ni, D]
-        let mut img_qkv = b.linear(&img_modulated, &self.img_attn.qkv)?; // [Ni, 3D]
-        let n = &self.img_attn.norm;
-        b.qk_norm_rope(&mut img_qkv, h, &n.query_norm, &n.key_norm, pe, lt)?; // [Ni, 3D]
+        let img_qkv = b.linear(&img_modulated, &self.img_attn.qkv)?; // [Ni, 3D]
 
-        // text q, k, v: pe rows [0, Lt)
+        // text q, k, v
         let txt_modulated = b.norm_modulate(&txt, &txt_mod1.shift, &txt_mod1.scale)?; // [Lt, D]
-        let mut txt_qkv = b.linear(&txt_modulated, &self.txt_attn.qkv)?; // [Lt, 3D]
-        let n = &self.txt_attn.norm;
-        b.qk_norm_rope(&mut txt_qkv, h, &n.query_norm, &n.key_norm, pe, 0)?; // [Lt, 3D]
+        let txt_qkv = b.linear(&txt_modulated, &self.txt_attn.qkv)?; // [Lt, 3D]
 
-        // joint attention, text first
-        let qkv = b.concat_rows(&txt_qkv, &img_qkv)?; // [L, 3D]
-        let attn = b.attention(&qkv, h, hd)?; // [L, D]
+        // joint attention, text first: each stream's QKNorm on its rows, RoPE with pe rows [0, L)
+        let mut qkv = b.concat_rows(&txt_qkv, &img_qkv)?; // [L, 3D]
+        let (tn, im) = (&self.txt_attn.norm, &self.img_attn.norm);
+        let scales = [
+            QkScales {
+                q: &tn.query_norm,
+                k: &tn.key_norm,
+            },
+            QkScales {
+                q: &im.query_norm,
+                k: &im.key_norm,
+            },
+        ];
+        let attn = b.attention_qk_norm_rope(&mut qkv, (h, hd), scales, lt, pe, 0)?; // [L, D]
         let txt_attn = b.slice_rows(&attn, 0, lt)?; // [Lt, D]
         let img_attn = b.slice_rows(&attn, lt, lt + ni)?; // [Ni, D]
 
@@ -491,9 +498,13 @@ impl<B: Backend> SingleStreamBlock<B> {
         } = self.dims;
         let x_mod = b.norm_modulate(&x, &m1.shift, &m1.scale)?; // [L, D]
         let mut lin1 = b.linear(&x_mod, &self.linear1)?; // [L, 3D + M]
-        let n = &self.norm;
-        b.qk_norm_rope(&mut lin1, h, &n.query_norm, &n.key_norm, pe, 0)?; // q, k of [L, 3D + M]
-        let attn = b.attention(&lin1, h, hd)?; // [L, D]
+        let (l, _) = b.dims(&lin1);
+        let n = QkScales {
+            q: &self.norm.query_norm,
+            k: &self.norm.key_norm,
+        };
+        // QKNorm + RoPE of q, k of [L, 3D + M], then attention
+        let attn = b.attention_qk_norm_rope(&mut lin1, (h, hd), [n, n], l, pe, 0)?; // [L, D]
         let mlp = b.slice_cols(&lin1, 3 * d, 3 * d + m)?; // [L, M]
         let mlp = b.gelu_tanh(&mlp)?; // [L, M]
         let u = b.concat_cols(&attn, &mlp)?; // [L, D + M], attention first
