@@ -56,6 +56,11 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+// The fused ops (GEMM epilogues, the fp8 × fp8 route): a child module, so they reach the
+// backend's private state.
+#[path = "cuda_fused.rs"]
+mod fused;
+
 /// Largest score block of the wide-head attention path (f32 `[bq, L]`): 256 MiB. The VAE's
 /// mid-block at 1024² has L = 16384, so 4096 queries per block.
 const ATTN_SCORE_BYTES: usize = 256 << 20;
@@ -735,12 +740,16 @@ impl Backend for CudaBackend {
         if x.rows == 0 || w.out == 0 {
             return Ok(y);
         }
-        let scratch = if w.fp8 {
+        let fp8_route = fused::fp8_linear(self, &x, w, &y, kontext_kernels::gemm::Epilogue::None)?;
+        let scratch = if w.fp8 && !fp8_route {
             Some(self.tensor(DType::Bf16, w.out, w.inp, "fp8 weight as bf16")?)
         } else {
             None
         };
         self.launch(|d| {
+            if fp8_route {
+                return Ok(());
+            }
             let weight = w.weight()?;
             let wm = match &scratch {
                 Some(s) => {
@@ -790,6 +799,20 @@ impl Backend for CudaBackend {
         }
         w.lora = lora;
         Ok(())
+    }
+
+    fn linear_gelu(&self, x: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
+        fused::linear_gelu(self, x, w)
+    }
+
+    fn linear_gate_residual(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        gate: &CudaTensor,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        fused::linear_gate_residual(self, x, w, gate, residual)
     }
 
     fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {
