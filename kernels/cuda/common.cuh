@@ -6,11 +6,12 @@
 // indexed with 64-bit offsets; single dimensions and leading dimensions are `int` (the launchers
 // check that they fit).
 //
-// Compiled by NVRTC for sm_80 and newer (kernels/src/nvrtc.rs); only cuda_bf16.h is included, so
-// the CUDA headers of the NVRTC in use (toolkit or the nvidia-cuda-runtime wheel) are the only
-// headers needed.
+// Compiled by NVRTC for sm_80 and newer (kernels/src/nvrtc.rs); only cuda_bf16.h and cuda_fp8.h
+// are included, so the CUDA headers of the NVRTC in use (toolkit or the nvidia-cuda-runtime wheel)
+// are the only headers needed.
 #pragma once
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 typedef __nv_bfloat16 bf16;
 typedef long long i64;
@@ -74,3 +75,32 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 
 // CLIP's quick_gelu: x·σ(1.702·x) (spec 5.2).
 __device__ __forceinline__ float quick_gelu_f(float x) { return x / (1.0f + expf(-1.702f * x)); }
+
+// ---- per-tensor e4m3 quantisation of activations (fp8.cu's quantise_e4m3, norm_modulate.cu's
+// norm_modulate_e4m3): two passes, because the scale needs the whole tensor's amax. Pass 1 folds
+// |v| into a device f32 that the launcher zeroed; pass 2 stores e4m3(v / scale) with
+// scale = amax / 448, the value cuBLASLt multiplies back (its A/B_SCALE_POINTER).
+
+// Largest finite e4m3fn value.
+#define E4M3_MAX 448.0f
+
+// amax[0] = max(amax[0], v) for v ≥ 0 (or NaN): non-negative floats order like their bit
+// patterns, and a NaN's bits (0x7FC…) exceed every finite value's, so a NaN input poisons the
+// scale instead of vanishing. Reductions before it compare bits too (fmaxf would drop a NaN).
+__device__ __forceinline__ void atomic_amax(float* amax, float v) {
+    atomicMax(reinterpret_cast<unsigned int*>(amax), __float_as_uint(v));
+}
+
+// The per-tensor scale for an amax: amax / 448, so the largest |v| lands on 448. An all-zero
+// tensor gets 1 (any scale quantises zeros to zeros); the floor at FLT_MIN keeps 1/scale finite
+// for a tensor of denormals; NaN and ∞ pass through and turn the GEMM's output into NaN.
+__device__ __forceinline__ float e4m3_scale(float amax) {
+    if (amax == 0.0f) return 1.0f;
+    return amax > 0.0f ? fmaxf(amax / E4M3_MAX, 1.17549435e-38f) : amax;
+}
+
+// e4m3fn of v, round to nearest even, saturating to ±448 (cvt.rn.satfinite: a value rounded just
+// past 448 by the f32 division stays finite; NaN stays NaN).
+__device__ __forceinline__ void st_e4m3(unsigned char* p, float v) {
+    *p = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
+}

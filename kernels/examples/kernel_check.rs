@@ -18,7 +18,7 @@ use kontext_kernels::attention::AttentionOpts;
 use kontext_kernels::attention_mma::{Prologue, QkScales};
 use kontext_kernels::conv::ConvGeometry;
 use kontext_kernels::elementwise::Unary;
-use kontext_kernels::gemm::Gemm;
+use kontext_kernels::gemm::{Epilogue, Gemm};
 use kontext_kernels::weights::DeviceWeight;
 use kontext_kernels::{cuda_available, DType, DeviceMat, Gpu, Kernels};
 use std::process::ExitCode;
@@ -71,6 +71,51 @@ fn ulp_bf16(v: f64) -> f64 {
     2f64.powi(a.log2().floor() as i32 - 7)
 }
 
+/// One e4m3 ulp at `v`'s magnitude (3 mantissa bits; subnormals below 2^-6 step by 2^-9).
+fn ulp_e4m3(v: f64) -> f64 {
+    let a = v.abs().max(2f64.powi(-6));
+    2f64.powi(a.log2().floor() as i32 - 3)
+}
+
+/// The e4m3fn code of `v`, round to nearest even, saturating to ±448, NaN to 0x7F: by search over
+/// the loader's decoding table (nearest finite magnitude, ties to the even code), so it shares
+/// nothing with the conversion under test.
+fn e4m3_rne(v: f32) -> u8 {
+    use kontext_loader::dtype::E4M3_TO_F32;
+    if v.is_nan() {
+        return 0x7F;
+    }
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs() as f64;
+    let mut best = 0u8;
+    let mut best_err = f64::INFINITY;
+    for code in 0..=0x7Eu8 {
+        let err = (f32::from_bits(E4M3_TO_F32[code as usize]) as f64 - a).abs();
+        if err < best_err || (err == best_err && code % 2 == 0) {
+            (best, best_err) = (code, err);
+        }
+    }
+    best | sign
+}
+
+/// Decoded e4m3 codes.
+fn e4m3_values(codes: &[u8]) -> Vec<f32> {
+    use kontext_loader::dtype::E4M3_TO_F32;
+    codes
+        .iter()
+        .map(|&b| f32::from_bits(E4M3_TO_F32[b as usize]))
+        .collect()
+}
+
+/// The per-tensor scale of an amax, as common.cuh's e4m3_scale computes it (f32).
+fn e4m3_scale(amax: f32) -> f32 {
+    if amax == 0.0 {
+        1.0
+    } else {
+        (amax / 448.0).max(f32::MIN_POSITIVE)
+    }
+}
+
 /// How a result is compared with its reference.
 #[derive(Clone, Copy)]
 enum Tol {
@@ -84,6 +129,10 @@ enum Tol {
     Norm(f64),
     /// Bit-exact (NaN matches NaN): fp8 decoding, copies, gathers.
     Exact,
+    /// e4m3 quantisation of an f64 reference (values in units of the scale): within half an
+    /// e4m3 ulp of the reference, plus 2^-12 relative for the f32-vs-f64 difference of the
+    /// value being rounded (an RNE tie can go either way).
+    E4m3Half,
 }
 
 impl Tol {
@@ -92,6 +141,7 @@ impl Tol {
             Tol::Ulp { ulps, floor } => format!("{ulps} ulp + {floor:.0e}"),
             Tol::Norm(t) => format!("‖e‖/‖r‖ ≤ {t:.0e}"),
             Tol::Exact => "exact".to_string(),
+            Tol::E4m3Half => "½ e4m3 ulp".to_string(),
         }
     }
 }
@@ -181,11 +231,12 @@ impl Check {
             }
             let limit = match tol {
                 Tol::Ulp { ulps, floor } => ulps * ulp_bf16(w) + floor,
+                Tol::E4m3Half => 0.5 * ulp_e4m3(w) + w.abs() * 2f64.powi(-12),
                 Tol::Exact | Tol::Norm(_) => 0.0,
             };
             let over = match tol {
                 Tol::Exact => (g as f32).to_bits() != (w as f32).to_bits(),
-                Tol::Ulp { .. } => e > limit,
+                Tol::Ulp { .. } | Tol::E4m3Half => e > limit,
                 Tol::Norm(_) => false,
             };
             if over {
@@ -1022,6 +1073,128 @@ fn check_fp8(c: &mut Check) -> R<()> {
     Ok(())
 }
 
+/// The activation side of the fp8 route: `quantise_e4m3` (bit-exact: the reference does the
+/// kernel's f32 operations and rounds by search), `norm_modulate_e4m3` (against the f64
+/// LayerNorm), and the gate folded into the dequantised weight (bit-exact).
+fn check_fp8_activations(c: &mut Check) -> R<()> {
+    for (rows, cols) in [(1, 8), (7, 40), (37, 3000), (256, 3072)] {
+        if c.small && rows * cols > 1 << 20 {
+            continue;
+        }
+        // Mostly N(0, 1) with a few large values: the amax sits far out, as in real activations.
+        let mut x = c.rng.bf16s(rows * cols, 0.0, 1.0);
+        for i in (0..x.len()).step_by(997) {
+            x[i] = rb(x[i] * 40.0);
+        }
+        let dx = c.up(&x, rows, cols)?;
+        let y = c.gpu.alloc_mat(DType::F8E4M3, rows, cols)?;
+        c.gpu.fill_bytes(&y, 0xFF)?;
+        let scales = c.gpu.alloc_mat(DType::F32, 1, 2)?;
+        c.gpu.fill_bytes(&scales, 0xFF)?;
+        c.k.quantise_e4m3(&dx, &y, &scales)?;
+        c.gpu.synchronize()?;
+        let got = e4m3_values(&c.gpu.read_bytes(&y)?);
+        let got_scale = c.read(&scales)?[1];
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = e4m3_scale(amax);
+        let inv = 1.0 / scale;
+        let want: Vec<f64> = e4m3_values(&x.iter().map(|&v| e4m3_rne(v * inv)).collect::<Vec<_>>())
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        c.compare(
+            "quantise_e4m3",
+            &shape(&[rows, cols]),
+            &got,
+            &want,
+            Tol::Exact,
+        );
+        c.compare(
+            "quantise_e4m3 scale",
+            &shape(&[rows, cols]),
+            &[got_scale],
+            &[scale as f64],
+            Tol::Exact,
+        );
+
+        // The fused norm: LN + modulation, quantised from f32.
+        let m = c.rng.bf16s(2 * cols, 0.0, 0.5);
+        let dm = c.up(&m, 1, 2 * cols)?;
+        let (shift, sc) = (dm.cols_range(0, cols)?, dm.cols_range(cols, 2 * cols)?);
+        c.gpu.fill_bytes(&y, 0xFF)?;
+        c.gpu.fill_bytes(&scales, 0xFF)?;
+        c.k.norm_modulate_e4m3(&dx, &shift, &sc, &y, &scales, 1e-6)?;
+        c.gpu.synchronize()?;
+        let got = e4m3_values(&c.gpu.read_bytes(&y)?);
+        let got_scale = c.read(&scales)?[1] as f64;
+        let stats = ref_norm(&x, rows, cols, 1e-6, true);
+        let v: Vec<f64> = (0..rows * cols)
+            .map(|e| {
+                let (r, j) = (e / cols, e % cols);
+                let (mean, rstd) = stats[r];
+                (1.0 + m[cols + j] as f64) * ((x[e] as f64 - mean) * rstd) + m[j] as f64
+            })
+            .collect();
+        let amax = v.iter().fold(0f64, |a, b| a.max(b.abs()));
+        c.compare(
+            "norm_modulate_e4m3 scale",
+            &shape(&[rows, cols]),
+            &[got_scale as f32],
+            &[amax / 448.0],
+            Tol::Ulp {
+                ulps: 0.0,
+                floor: amax / 448.0 * 1e-5,
+            },
+        );
+        let want_q: Vec<f64> = v
+            .iter()
+            .map(|&t| (t / got_scale).clamp(-448.0, 448.0))
+            .collect();
+        c.compare(
+            "norm_modulate_e4m3",
+            &shape(&[rows, cols]),
+            &got,
+            &want_q,
+            Tol::E4m3Half,
+        );
+        // The same, dequantised, against the exact value: the error fp8 activations add (e4m3's
+        // 3 mantissa bits: ≤ 2^-4 relative per element, ~2.5e-2 in norm).
+        let deq: Vec<f32> = got.iter().map(|&q| (q as f64 * got_scale) as f32).collect();
+        c.compare(
+            "norm_modulate_e4m3 (·s)",
+            &shape(&[rows, cols]),
+            &deq,
+            &v,
+            Tol::Norm(4e-2),
+        );
+    }
+    // The gate folded into the dequantised weight: bit-exact (decode · scale · g in f32).
+    let (rows, cols) = (24, 136);
+    let codes: Vec<u8> = (0..rows * cols)
+        .map(|_| (c.rng.next_u64() & 0xFF) as u8 & 0xF7) // no NaN codes (S.1111.111)
+        .collect();
+    let w = c.gpu.upload_bytes(&codes, DType::F8E4M3, rows, cols)?;
+    let weight = DeviceWeight::single(w, 0.0123);
+    let g = c.rng.bf16s(rows, 0.0, 1.0);
+    let dg = c.up(&g, 1, rows)?;
+    let out = c.out(rows, cols)?;
+    c.k.dequant_fp8_rows(&weight, &dg, &out)?;
+    let got = c.read(&out)?;
+    let want: Vec<f64> = e4m3_values(&codes)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| rb(v * 0.0123 * g[i / cols]) as f64)
+        .collect();
+    c.compare(
+        "fp8_e4m3_to_bf16_rows",
+        &shape(&[rows, cols]),
+        &got,
+        &want,
+        Tol::Exact,
+    );
+    Ok(())
+}
+
 fn check_conv(c: &mut Check) -> R<()> {
     // im2col + GEMM against a direct convolution: same 3×3, the Downsample, a 1×3, on odd sizes.
     let wide = ConvGeometry {
@@ -1216,6 +1389,97 @@ fn check_gemm(c: &mut Check) -> R<()> {
             &want,
             tol,
         );
+    }
+    Ok(())
+}
+
+/// The fused GEMMs: GELU in the epilogue, the fp8 × fp8 route, and the gated residual on the
+/// dequantised weight, each against the f64 composition of the unfused ops.
+fn check_gemm_fused(c: &mut Check) -> R<()> {
+    for (m, k, n) in [(37, 64, 40), (1, 3072, 256), (128, 3072, 3072)] {
+        if c.small && m * n * k > 1 << 26 {
+            continue;
+        }
+        let x = c.rng.bf16s(m * k, 0.0, 1.0);
+        let w = c.rng.bf16s(n * k, 0.0, 1.0 / (k as f32).sqrt());
+        let b = c.rng.bf16s(n, 0.0, 0.1);
+        let (dx, dw, db) = (c.up(&x, m, k)?, c.up(&w, n, k)?, c.up(&b, 1, n)?);
+        let dot = |xs: &[f32], ws: &[f32], i: usize, j: usize| -> f64 {
+            (0..k)
+                .map(|p| xs[i * k + p] as f64 * ws[j * k + p] as f64)
+                .sum()
+        };
+        let label = format!("[{m}, {k}]·[{n}, {k}]ᵀ +b");
+
+        let y = c.out(m, n)?;
+        c.gemm.linear_gelu(&dx, &dw, Some(&db), &y)?;
+        let got = c.read(&y)?;
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| gelu_tanh(dot(&x, &w, e / n, e % n) + b[e % n] as f64))
+            .collect();
+        c.compare("gemm + GELU epilogue", &label, &got, &want, Tol::Norm(4e-3));
+
+        // fp8 × fp8: the quantised activations and an e4m3 weight with a scale, read back, are
+        // the reference's inputs, so this isolates the GEMM (accumulation, bf16 output).
+        let codes: Vec<u8> = w.iter().map(|&v| e4m3_rne(v * 448.0 * 0.25)).collect();
+        let w_scale = 1.0 / (448.0 * 0.25);
+        let w8 = c.gpu.upload_bytes(&codes, DType::F8E4M3, n, k)?;
+        let x8 = c.gpu.alloc_mat(DType::F8E4M3, m, k)?;
+        let scales = c.gpu.alloc_mat(DType::F32, 1, 2)?;
+        c.k.quantise_e4m3(&dx, &x8, &scales)?;
+        let xs = scales.cols_range(1, 2)?;
+        for epi in [Epilogue::None, Epilogue::Gelu] {
+            let y = c.out(m, n)?;
+            c.gemm
+                .linear_fp8(&x8, &xs, &w8, w_scale, Some(&db), &y, epi)?;
+            let got = c.read(&y)?;
+            let sx = c.read(&scales)?[1];
+            let xq: Vec<f32> = e4m3_values(&c.gpu.read_bytes(&x8)?)
+                .iter()
+                .map(|&q| q * sx)
+                .collect();
+            let wq: Vec<f32> = e4m3_values(&codes).iter().map(|&q| q * w_scale).collect();
+            let want: Vec<f64> = (0..m * n)
+                .map(|e| {
+                    let v = dot(&xq, &wq, e / n, e % n) + b[e % n] as f64;
+                    if epi == Epilogue::Gelu {
+                        gelu_tanh(v)
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let op = if epi == Epilogue::Gelu {
+                "gemm fp8×fp8 + GELU"
+            } else {
+                "gemm fp8×fp8"
+            };
+            c.compare(op, &label, &got, &want, Tol::Norm(4e-3));
+        }
+
+        // residual += gate ⊙ (x·Wᵀ + b) with the gate in the dequantised weight and the bias,
+        // beta = 1 onto the residual: one GEMM, no gate_residual pass.
+        let g = c.rng.bf16s(n, 0.0, 1.0);
+        let res = c.rng.bf16s(m * n, 0.0, 1.0);
+        let dg = c.up(&g, 1, n)?;
+        let dres = c.up(&res, m, n)?;
+        let wq = DeviceWeight::single(w8, w_scale);
+        let wg = c.out(n, k)?;
+        c.k.dequant_fp8_rows(&wq, &dg, &wg)?;
+        let gb = c.out(1, n)?;
+        c.gpu.fill_bytes(&gb, 0)?;
+        c.k.gate_residual(&gb, &dg, &db)?;
+        c.gemm
+            .matmul(&dx, false, &wg, true, &dres, Some(&gb), 1.0, 1.0)?;
+        let got = c.read(&dres)?;
+        let wf: Vec<f32> = e4m3_values(&codes).iter().map(|&q| q * w_scale).collect();
+        let want: Vec<f64> = (0..m * n)
+            .map(|e| {
+                let j = e % n;
+                res[e] as f64 + g[j] as f64 * (dot(&x, &wf, e / n, j) + b[j] as f64)
+            })
+            .collect();
+        c.compare("gemm gated residual", &label, &got, &want, Tol::Norm(4e-3));
     }
     Ok(())
 }
@@ -1558,16 +1822,18 @@ fn run(opts: Opts) -> R<bool> {
         small: opts.small,
     };
     type Step = fn(&mut Check) -> R<()>;
-    let steps: [(&str, Step); 10] = [
+    let steps: [(&str, Step); 12] = [
         ("norms", check_norms),
         ("qk_norm_rope", check_qk_norm_rope),
         ("attention", check_attention),
         ("attention_mma", check_attention_mma),
         ("elementwise", check_elementwise),
         ("fp8", check_fp8),
+        ("fp8 activations", check_fp8_activations),
         ("conv", check_conv),
         ("group_norm", check_group_norm),
         ("gemm", check_gemm),
+        ("gemm fused", check_gemm_fused),
         ("allocations", check_no_allocation),
     ];
     for (name, step) in steps {

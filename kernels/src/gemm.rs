@@ -12,6 +12,21 @@
 //! strides, types, alignment) and reused: the denoising loop repeats the same few dozen
 //! problems, and after the first step a GEMM is one `cublasLtMatmul` call. The workspace is
 //! allocated once, through the counted allocator.
+//!
+//! Two fused epilogues and an fp8 route, each as the cuBLAS documentation (section
+//! "cublasLtMatmul()" and its tables, "cublasLtEpilogue_t") defines it:
+//! - [`Epilogue::Gelu`]: `CUBLASLT_EPILOGUE_GELU(_BIAS)`, bias then GELU, and the documented GELU
+//!   is the tanh approximation `0.5x(1 + tanh(√(2/π)(x + 0.044715x³)))` (the epilogue table's
+//!   footnote), which is Flux's `gelu_tanh` (spec 1.5): the MLP's first GEMM and its activation
+//!   in one pass, rounded once.
+//! - [`Gemm::linear_fp8`]: e4m3 × e4m3 (or e5m2 weights) → bf16 with per-tensor scales,
+//!   `D = alpha·scale_A·scale_B·op(A)·op(B) (+ bias)`; the documented FP8 rules are checked
+//!   before the call (TN only, k and leading dimensions multiples of 16 bytes, 16-byte
+//!   pointers, bf16 bias for bf16 D) so a violation is an error that names the rule.
+//! - A gate on the output features cannot ride on cuBLASLt: the per-row alpha vector
+//!   (`CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST`) is documented for the IMMA (int8)
+//!   kernels only, so the gated residual folds the gate into the dequantised fp8 weight instead
+//!   (`Kernels::dequant_fp8_rows`, then `matmul` with beta = 1 onto the residual).
 
 use crate::desc::{expect_disjoint, expect_valid, DType, MatDesc};
 use crate::error::{shape_err, KernelError, Result};
@@ -60,18 +75,32 @@ pub fn lt_call(
     for (what, m) in [("A", a), ("B", b), ("C", c)] {
         expect_valid(OP, what, m)?;
     }
-    if a.dtype != DType::Bf16 || b.dtype != DType::Bf16 {
+    let fp8 = |d: DType| matches!(d, DType::F8E4M3 | DType::F8E5M2);
+    let is_fp8 = fp8(a.dtype) && fp8(b.dtype);
+    if !is_fp8 && (a.dtype != DType::Bf16 || b.dtype != DType::Bf16) {
         return Err(shape_err(
             OP,
             format!(
-                "A {} and B {} must be bf16 (dequantise fp8 weights first)",
+                "A {} and B {} must both be bf16 or both fp8 (dequantise an fp8 weight, or \
+                 quantise the activations, first)",
                 a.show(),
                 b.show()
             ),
         ));
     }
-    if !matches!(c.dtype, DType::Bf16 | DType::F32) {
-        return Err(shape_err(OP, format!("C {} must be bf16 or f32", c.show())));
+    if !matches!(c.dtype, DType::Bf16 | DType::F32) || (is_fp8 && c.dtype != DType::Bf16) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "C {} must be bf16{}",
+                c.show(),
+                if is_fp8 {
+                    " for an fp8 GEMM"
+                } else {
+                    " or f32"
+                }
+            ),
+        ));
     }
     let (m, ka) = if trans_a {
         (a.cols, a.rows)
@@ -114,6 +143,9 @@ pub fn lt_call(
     }
     expect_disjoint(OP, c, "A", a)?;
     expect_disjoint(OP, c, "B", b)?;
+    if is_fp8 {
+        check_fp8_rules(a, trans_a, b, trans_b, c, bias, ka)?;
+    }
     // A row-major [r, c] matrix with row stride ld is a column-major [c, r] one with leading
     // dimension ld; one row's stride is unused, and cuBLASLt wants ld ≥ its rows.
     let ld = |d: &MatDesc| d.ld.max(d.cols) as i64;
@@ -137,6 +169,68 @@ pub fn lt_call(
     })
 }
 
+/// cuBLASLt's documented conditions for an FP8 GEMM ("cublasLtMatmul()": "To use FP8 kernels";
+/// "Tensor Core Usage"; the FP8 type table), in row-major terms: cuBLASLt's A is our B, so its
+/// "TN" (A transposed, B not) is `x · Wᵀ`; every leading dimension and k a multiple of 16 bytes,
+/// cuBLASLt's m (our N) × 2 bytes of bf16 D too; 16-byte pointers; not e5m2 × e5m2.
+fn check_fp8_rules(
+    a: &MatDesc,
+    trans_a: bool,
+    b: &MatDesc,
+    trans_b: bool,
+    c: &MatDesc,
+    bias: Option<&MatDesc>,
+    k: usize,
+) -> Result<()> {
+    const OP: &str = "gemm (fp8)";
+    let rule = |why: String| Err(shape_err(OP, why));
+    if a.dtype == DType::F8E5M2 && b.dtype == DType::F8E5M2 {
+        return rule("e5m2 × e5m2 is not in cuBLASLt's FP8 table".into());
+    }
+    if trans_a || !trans_b {
+        return rule(format!(
+            "fp8 GEMMs are TN only: x · Wᵀ with W [N, K] (got op(A) {}, op(B) {})",
+            if trans_a { "Aᵀ" } else { "A" },
+            if trans_b { "Bᵀ" } else { "B" }
+        ));
+    }
+    if k % 16 != 0 {
+        return rule(format!("k = {k} must be a multiple of 16"));
+    }
+    let n = c.cols;
+    if (n * 2) % 16 != 0 {
+        return rule(format!(
+            "N = {n} output features must be a multiple of 8 (16 bytes of bf16)"
+        ));
+    }
+    let ld_bytes = |d: &MatDesc| d.ld.max(d.cols) * d.dtype.size();
+    for (what, d) in [("A", a), ("B", b), ("C", c)] {
+        if ld_bytes(d) % 16 != 0 {
+            return rule(format!(
+                "{what} {}: its row stride must be a multiple of 16 bytes",
+                d.show()
+            ));
+        }
+    }
+    for (what, d) in [
+        ("A", Some(a)),
+        ("B", Some(b)),
+        ("C", Some(c)),
+        ("bias", bias),
+    ] {
+        if let Some(d) = d {
+            if d.addr % 16 != 0 {
+                return rule(format!(
+                    "{what} {} at {:#x} must be 16-byte aligned",
+                    d.show(),
+                    d.addr
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The largest power of two (≤ 256) dividing `addr`: what cuBLASLt may assume about a pointer.
 pub fn alignment(addr: u64) -> u32 {
     if addr == 0 {
@@ -149,16 +243,31 @@ pub fn alignment(addr: u64) -> u32 {
 fn cuda_type(d: DType) -> sys::cudaDataType {
     match d {
         DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DType::F8E4M3 => sys::cudaDataType_t::CUDA_R_8F_E4M3,
+        DType::F8E5M2 => sys::cudaDataType_t::CUDA_R_8F_E5M2,
         _ => sys::cudaDataType_t::CUDA_R_16BF,
     }
+}
+
+/// What runs on the accumulator before the store (besides alpha, beta and the bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// Nothing: `alpha·A·B + beta·C (+ bias)`.
+    None,
+    /// GELU, tanh approximation, after the bias (`CUBLASLT_EPILOGUE_GELU_BIAS`).
+    Gelu,
 }
 
 /// What one cached plan depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     call: LtCall,
+    /// Row-major A and B (cuBLASLt's B and A) and C.
+    a_dtype: DType,
+    b_dtype: DType,
     c_dtype: DType,
     bias: bool,
+    epilogue: Epilogue,
     /// Alignment of A, B, C (cuBLASLt's operands) and the bias.
     align: [u32; 4],
 }
@@ -251,6 +360,81 @@ impl Gemm {
         self.matmul(x, false, w, true, y, bias, 1.0, 0.0)
     }
 
+    /// `y = GELU_tanh(x · Wᵀ + bias)` in one pass (`CUBLASLT_EPILOGUE_GELU_BIAS`): shapes as in
+    /// [`Gemm::linear`].
+    pub fn linear_gelu(
+        &self,
+        x: &DeviceMat,
+        w: &DeviceMat,
+        bias: Option<&DeviceMat>,
+        y: &DeviceMat,
+    ) -> Result<()> {
+        let call = Call {
+            a: x,
+            trans_a: false,
+            b: w,
+            trans_b: true,
+            c: y,
+            bias,
+            alpha: 1.0,
+            beta: 0.0,
+            epilogue: Epilogue::Gelu,
+            b_scale: None,
+        };
+        self.run(&call)
+    }
+
+    /// `y [M, N] = w_scale · s_x · (x8 · w8ᵀ) (+ bias)` on the fp8 tensor cores, then GELU when
+    /// `epilogue` says so: x8 `[M, K]` e4m3 with its per-tensor scale `x_scale` (f32 `[1, 1]`
+    /// on the device, as [`crate::Kernels::quantise_e4m3`] leaves it), w8 `[N, K]` e4m3 or e5m2
+    /// with its host scale `w_scale`, bias bf16 `[1, N]`, y bf16. The documented FP8 rules
+    /// (K and the row strides multiples of 16 bytes, N of 8, 16-byte pointers) are checked
+    /// first: a violation is an error naming the rule.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_fp8(
+        &self,
+        x8: &DeviceMat,
+        x_scale: &DeviceMat,
+        w8: &DeviceMat,
+        w_scale: f32,
+        bias: Option<&DeviceMat>,
+        y: &DeviceMat,
+        epilogue: Epilogue,
+    ) -> Result<()> {
+        let ds = x_scale.desc();
+        if ds.dtype != DType::F32 || (ds.rows, ds.cols) != (1, 1) || ds.addr % 4 != 0 {
+            return Err(shape_err(
+                "gemm (fp8)",
+                format!("the activations' scale {} must be one f32", ds.show()),
+            ));
+        }
+        if x8.desc().dtype != DType::F8E4M3 {
+            return Err(shape_err(
+                "gemm (fp8)",
+                format!("activations {} must be e4m3", x8.desc().show()),
+            ));
+        }
+        if !w_scale.is_finite() {
+            return Err(shape_err(
+                "gemm (fp8)",
+                format!("weight scale {w_scale} is not finite"),
+            ));
+        }
+        let call = Call {
+            a: x8,
+            trans_a: false,
+            b: w8,
+            trans_b: true,
+            c: y,
+            bias,
+            alpha: w_scale,
+            beta: 0.0,
+            epilogue,
+            b_scale: Some(ds.addr),
+        };
+        self.run(&call)
+    }
+
     /// `C = alpha · op(A) · op(B) + beta · C (+ bias on every row)`; see the module docs.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
@@ -264,13 +448,33 @@ impl Gemm {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        let call = Call {
+            a,
+            trans_a,
+            b,
+            trans_b,
+            c,
+            bias,
+            alpha,
+            beta,
+            epilogue: Epilogue::None,
+            b_scale: None,
+        };
+        self.run(&call)
+    }
+
+    fn run(&self, k: &Call) -> Result<()> {
+        let (a, b, c, bias, alpha, beta) = (k.a, k.b, k.c, k.bias, k.alpha, k.beta);
         let (da, db, dc) = (a.desc(), b.desc(), c.desc());
         let dbias = bias.map(|x| x.desc());
-        let call = lt_call(&da, trans_a, &db, trans_b, &dc, dbias.as_ref())?;
+        let call = lt_call(&da, k.trans_a, &db, k.trans_b, &dc, dbias.as_ref())?;
         let key = PlanKey {
             call,
+            a_dtype: da.dtype,
+            b_dtype: db.dtype,
             c_dtype: dc.dtype,
             bias: bias.is_some(),
+            epilogue: k.epilogue,
             align: [
                 alignment(db.addr),
                 alignment(da.addr),
@@ -296,6 +500,19 @@ impl Gemm {
             }
             .map_err(|e| lt_err("set bias pointer", e))?;
         }
+        if let Some(ptr) = k.b_scale {
+            // The row-major A (the activations) is cuBLASLt's B.
+            // SAFETY: as the bias pointer: a device pointer to one f32, read during the call.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                    &ptr as *const u64 as *const c_void,
+                    std::mem::size_of::<u64>(),
+                )
+            }
+            .map_err(|e| lt_err("set B scale pointer", e))?;
+        }
         self.gpu
             .context()
             .bind_to_thread()
@@ -303,7 +520,9 @@ impl Gemm {
         // SAFETY: lt_call checked that A, B, C (and the bias) have the shapes, strides and types
         // the plan's layouts describe, and DeviceMat guarantees each lies inside a live
         // allocation held by the caller until the stream has run the GEMM (DeviceAlloc's drop
-        // synchronises). C does not overlap A, B or the bias. The workspace is ours.
+        // synchronises). C does not overlap A, B or the bias. The workspace is ours. An fp8
+        // plan's scale pointer was set just above (its plan key differs from a bf16 one's, so a
+        // bf16 call never sees a stale one).
         unsafe {
             lt::matmul(
                 self.handle,
@@ -335,7 +554,6 @@ impl Gemm {
         let layout = |o: &LtOperand, t: sys::cudaDataType| {
             lt::create_matrix_layout(t, o.rows, o.cols, o.ld).map_err(|e| lt_err(&op, e))
         };
-        let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
         let desc = lt::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
@@ -343,8 +561,8 @@ impl Gemm {
         .map_err(|e| lt_err(&op, e))?;
         let mut plan = Plan {
             desc,
-            a: layout(&call.a, bf16)?,
-            b: layout(&call.b, bf16)?,
+            a: layout(&call.a, cuda_type(key.b_dtype))?,
+            b: layout(&call.b, cuda_type(key.a_dtype))?,
             c: layout(
                 &LtOperand {
                     rows: call.m,
@@ -372,10 +590,12 @@ impl Gemm {
         use sys::cublasLtMatmulDescAttributes_t::*;
         set_desc(CUBLASLT_MATMUL_DESC_TRANSA, call.a.trans as i32)?;
         set_desc(CUBLASLT_MATMUL_DESC_TRANSB, call.b.trans as i32)?;
-        let epilogue = if key.bias {
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
-        } else {
-            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        use sys::cublasLtEpilogue_t as E;
+        let epilogue = match (key.epilogue, key.bias) {
+            (Epilogue::None, false) => E::CUBLASLT_EPILOGUE_DEFAULT,
+            (Epilogue::None, true) => E::CUBLASLT_EPILOGUE_BIAS,
+            (Epilogue::Gelu, false) => E::CUBLASLT_EPILOGUE_GELU,
+            (Epilogue::Gelu, true) => E::CUBLASLT_EPILOGUE_GELU_BIAS,
         };
         set_desc(CUBLASLT_MATMUL_DESC_EPILOGUE, epilogue as i32)?;
 
@@ -433,6 +653,21 @@ impl Gemm {
     pub fn plans(&self) -> usize {
         self.plans.lock().map(|p| p.len()).unwrap_or(0)
     }
+}
+
+/// One GEMM as [`Gemm::run`] takes it.
+struct Call<'a> {
+    a: &'a DeviceMat,
+    trans_a: bool,
+    b: &'a DeviceMat,
+    trans_b: bool,
+    c: &'a DeviceMat,
+    bias: Option<&'a DeviceMat>,
+    alpha: f32,
+    beta: f32,
+    epilogue: Epilogue,
+    /// fp8: device pointer of the row-major A's (the activations') f32 scale.
+    b_scale: Option<u64>,
 }
 
 /// A matmul preference, destroyed on drop.
@@ -565,6 +800,72 @@ mod tests {
         assert!(lt_call(&x, false, &w, true, &y32, Some(&bf(0x50000, 1, 96, 96))).is_err());
         // Output overlapping an input.
         assert!(lt_call(&x, false, &w, true, &bf(0x1000, 8, 96, 96), None).is_err());
+    }
+
+    fn f8(addr: u64, rows: usize, cols: usize, ld: usize) -> MatDesc {
+        MatDesc {
+            addr,
+            rows,
+            cols,
+            ld,
+            dtype: DType::F8E4M3,
+        }
+    }
+
+    #[test]
+    fn fp8_rules_are_checked_before_the_call() {
+        // x [256, 3072] e4m3 · W [3072, 3072]ᵀ e4m3 → y bf16, bf16 bias: a Flux proj.
+        let x = f8(0x10_0000, 256, 3072, 3072);
+        let w = f8(0x100_0000, 3072, 3072, 3072);
+        let y = bf(0x1000_0000, 256, 3072, 3072);
+        let bias = bf(0x2000, 1, 3072, 3072);
+        let call = lt_call(&x, false, &w, true, &y, Some(&bias)).unwrap();
+        assert!(call.a.trans && !call.b.trans, "cuBLASLt's TN");
+        // Not TN; k not a multiple of 16; N not a multiple of 8; strides; alignment; e5m2².
+        assert!(lt_call(
+            &x,
+            false,
+            &f8(0x100_0000, 3072, 3072, 3072),
+            false,
+            &y,
+            None
+        )
+        .is_err());
+        assert!(lt_call(
+            &f8(0x10_0000, 256, 3064, 3064),
+            false,
+            &f8(0x100_0000, 3072, 3064, 3064),
+            true,
+            &y,
+            None
+        )
+        .is_err());
+        let w_odd = f8(0x100_0000, 3068, 3072, 3072);
+        assert!(lt_call(
+            &x,
+            false,
+            &w_odd,
+            true,
+            &bf(0x1000_0000, 256, 3068, 3068),
+            None
+        )
+        .is_err());
+        assert!(lt_call(&f8(0x10_0000, 256, 3072, 3080), false, &w, true, &y, None).is_err());
+        assert!(lt_call(&f8(0x10_0008, 256, 3072, 3072), false, &w, true, &y, None).is_err());
+        assert!(lt_call(&x, false, &w, true, &y, Some(&bf(0x2002, 1, 3072, 3072))).is_err());
+        let e5 = |m: MatDesc| MatDesc {
+            dtype: DType::F8E5M2,
+            ..m
+        };
+        assert!(lt_call(&x, false, &e5(w), true, &y, None).is_ok());
+        assert!(lt_call(&e5(x), false, &e5(w), true, &y, None).is_err());
+        // f32 output, or one fp8 and one bf16 operand.
+        let y32 = MatDesc {
+            dtype: DType::F32,
+            ..y
+        };
+        assert!(lt_call(&x, false, &w, true, &y32, None).is_err());
+        assert!(lt_call(&bf(0x10_0000, 256, 3072, 3072), false, &w, true, &y, None).is_err());
     }
 
     #[test]

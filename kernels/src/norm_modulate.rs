@@ -1,5 +1,6 @@
 //! Launchers of `cuda/norm_modulate.cu`: LayerNorm + adaLN modulation (Flux), LayerNorm with
-//! affine (CLIP), RMSNorm (T5). One block per row.
+//! affine (CLIP), RMSNorm (T5); the modulated LayerNorm quantised to e4m3 with a per-tensor
+//! scale (the input of an fp8 GEMM). One block per row.
 
 use crate::desc::{
     blocks, expect_disjoint, expect_dtype, expect_shape, expect_valid, expect_vector, to_i32,
@@ -38,6 +39,35 @@ pub const FAMILY: Family = Family {
             args: NORM_ARGS,
         },
         Kernel {
+            name: "norm_modulate_amax",
+            args: &[
+                Arg::Ptr,
+                Arg::I64,
+                Arg::I32,
+                Arg::I32,
+                Arg::Ptr,
+                Arg::Ptr,
+                Arg::F32,
+                Arg::Ptr,
+            ],
+        },
+        Kernel {
+            name: "norm_modulate_e4m3",
+            args: &[
+                Arg::Ptr,
+                Arg::I64,
+                Arg::Ptr,
+                Arg::I64,
+                Arg::I32,
+                Arg::I32,
+                Arg::Ptr,
+                Arg::Ptr,
+                Arg::F32,
+                Arg::Ptr,
+                Arg::Ptr,
+            ],
+        },
+        Kernel {
             name: "rms_norm",
             args: &[
                 Arg::Ptr,
@@ -58,6 +88,8 @@ pub const THREADS: u32 = 256;
 
 pub(crate) struct Functions {
     norm_modulate: Loaded,
+    norm_modulate_amax: Loaded,
+    norm_modulate_e4m3: Loaded,
     layer_norm: Loaded,
     rms_norm: Loaded,
 }
@@ -66,6 +98,8 @@ impl Functions {
     pub(crate) fn resolve(m: &Arc<CudaModule>) -> Result<Functions> {
         Ok(Functions {
             norm_modulate: function(m, &FAMILY, "norm_modulate")?,
+            norm_modulate_amax: function(m, &FAMILY, "norm_modulate_amax")?,
+            norm_modulate_e4m3: function(m, &FAMILY, "norm_modulate_e4m3")?,
             layer_norm: function(m, &FAMILY, "layer_norm")?,
             rms_norm: function(m, &FAMILY, "rms_norm")?,
         })
@@ -107,10 +141,22 @@ pub fn check(
     y: &MatDesc,
     eps: f32,
 ) -> Result<RowNorm> {
+    check_into(op, x, params, y, DType::Bf16, eps)
+}
+
+/// [`check`] with the output's element type `y_dtype` (bf16, or e4m3 for the quantising pass).
+pub fn check_into(
+    op: &'static str,
+    x: &MatDesc,
+    params: NormParams,
+    y: &MatDesc,
+    y_dtype: DType,
+    eps: f32,
+) -> Result<RowNorm> {
     expect_valid(op, "x", x)?;
     expect_valid(op, "y", y)?;
     expect_dtype(op, "x", x, DType::Bf16)?;
-    expect_dtype(op, "y", y, DType::Bf16)?;
+    expect_dtype(op, "y", y, y_dtype)?;
     expect_shape(op, "y", y, x.rows, x.cols)?;
     expect_disjoint(op, y, "x", x)?;
     let (vectors, dtype): (Vec<(&str, &MatDesc)>, DType) = match params {
@@ -174,6 +220,79 @@ impl Kernels {
         // SAFETY: `check` verified the kernel's contract: x and y are [rows, cols] bf16 views
         // inside live allocations (DeviceMat), y overlaps nothing it reads, shift and scale are
         // [1, cols] bf16; the arguments match the kernel's parameter list in order and type.
+        unsafe { l.run(plan.dims) }
+    }
+
+    /// `y = e4m3((1 + scale)·LN(x) + shift) / s)` with the per-tensor `s = max|·| / 448`: x
+    /// `[L, D]` bf16, shift and scale `[1, D]` bf16, y `[L, D]` e4m3, `scales` f32 `[1, 2]` (`[0]`
+    /// the amax workspace, zeroed here; `[1]` receives `s` for
+    /// [`crate::gemm::Gemm::linear_fp8`]). Two passes over x (see the .cu).
+    pub fn norm_modulate_e4m3(
+        &self,
+        x: &DeviceMat,
+        shift: &DeviceMat,
+        scale: &DeviceMat,
+        y: &DeviceMat,
+        scales: &DeviceMat,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "norm_modulate_e4m3";
+        let (dx, ds, dc, dy, dq) = (
+            x.desc(),
+            shift.desc(),
+            scale.desc(),
+            y.desc(),
+            scales.desc(),
+        );
+        let plan = check_into(
+            OP,
+            &dx,
+            NormParams::Modulate {
+                shift: &ds,
+                scale: &dc,
+            },
+            &dy,
+            DType::F8E4M3,
+            eps,
+        )?;
+        expect_valid(OP, "scales", &dq)?;
+        expect_dtype(OP, "scales", &dq, DType::F32)?;
+        expect_vector(OP, "scales", &dq, 2)?;
+        for (what, m) in [("x", &dx), ("y", &dy), ("shift", &ds), ("scale", &dc)] {
+            expect_disjoint(OP, &dq, what, m)?;
+        }
+        self.gpu.fill_bytes(&scales.cols_range(0, 1)?, 0)?;
+        let (amax, y_scale) = (dq.addr, dq.addr + 4);
+        let (ldx, ldy) = (dx.ld as i64, dy.ld as i64);
+        if !dx.is_empty() {
+            let mut l = self.launch(&self.norm.norm_modulate_amax);
+            l.ptr(&dx.addr)
+                .i64(&ldx)
+                .i32(&plan.rows)
+                .i32(&plan.cols)
+                .ptr(&ds.addr)
+                .ptr(&dc.addr)
+                .f32(&eps)
+                .ptr(&amax);
+            // SAFETY: `check_into` verified x [rows, cols] bf16 and shift, scale [1, cols] bf16;
+            // scales is an f32 [1, 2] disjoint from all of them, of which the kernel updates [0].
+            unsafe { l.run(plan.dims) }?;
+        }
+        let mut l = self.launch(&self.norm.norm_modulate_e4m3);
+        l.ptr(&dx.addr)
+            .i64(&ldx)
+            .ptr(&dy.addr)
+            .i64(&ldy)
+            .i32(&plan.rows)
+            .i32(&plan.cols)
+            .ptr(&ds.addr)
+            .ptr(&dc.addr)
+            .f32(&eps)
+            .ptr(&amax)
+            .ptr(&y_scale);
+        // SAFETY: as above, y an e4m3 [rows, cols] view overlapping nothing it reads; the kernel
+        // reads scales[0] and writes scales[1] (one thread). Launched even when empty, so
+        // scales[1] always holds a scale.
         unsafe { l.run(plan.dims) }
     }
 

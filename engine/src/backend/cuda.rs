@@ -57,6 +57,11 @@ use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+// The fused ops (GEMM epilogues, the fp8 × fp8 route): a child module, so they reach the
+// backend's private state.
+#[path = "cuda_fused.rs"]
+mod fused;
+
 /// Largest score block of the wide-head attention path (f32 `[bq, L]`): 256 MiB. The VAE's
 /// mid-block at 1024² has L = 16384, so 4096 queries per block.
 const ATTN_SCORE_BYTES: usize = 256 << 20;
@@ -239,6 +244,15 @@ impl CudaLinear {
         w + self.bias.as_ref().map_or(0, |b| b.desc().span_bytes())
     }
 
+    /// The row ranges and scales of the weight's parts (None for a planner's).
+    fn part_scales(&self) -> Option<&[(std::ops::Range<usize>, f32)]> {
+        match &self.weight {
+            Home::Device(w) => Some(&w.scales),
+            Home::Streamed(s) => Some(&s.scales),
+            Home::Planned => None,
+        }
+    }
+
     /// Whether the weight lives in host memory and is copied in for each use.
     pub fn is_streamed(&self) -> bool {
         matches!(self.weight, Home::Streamed(_))
@@ -364,9 +378,20 @@ impl CudaBackend {
             .unwrap_or_default()
     }
 
+    /// In a plan pass, tells the streamer `w` is used here (it learns the order of use).
+    pub(crate) fn plan_use(&self, w: &CudaLinear) {
+        if self.planning() {
+            if let (Home::Streamed(s), Some(d)) = (&w.weight, &self.shared.dev) {
+                if let Some(st) = d.streamer.get() {
+                    st.observe(s);
+                }
+            }
+        }
+    }
+
     /// Runs `f` with `w`'s weight on the device: its resident copy, or its slot after the
     /// streamer copied it in.
-    fn with_weight<T>(
+    pub(crate) fn with_weight<T>(
         &self,
         d: &Device,
         w: &CudaLinear,
@@ -923,19 +948,17 @@ impl Backend for CudaBackend {
         if x.rows == 0 || w.out == 0 {
             return Ok(y);
         }
-        if self.planning() {
-            if let (Home::Streamed(s), Some(d)) = (&w.weight, &self.shared.dev) {
-                if let Some(st) = d.streamer.get() {
-                    st.observe(s);
-                }
-            }
-        }
-        let scratch = if w.fp8 {
+        self.plan_use(w);
+        let fp8_route = fused::fp8_linear(self, &x, w, &y, kontext_kernels::gemm::Epilogue::None)?;
+        let scratch = if w.fp8 && !fp8_route {
             Some(self.tensor(DType::Bf16, w.out, w.inp, "fp8 weight as bf16")?)
         } else {
             None
         };
         self.launch(|d| {
+            if fp8_route {
+                return Ok(());
+            }
             self.with_weight(d, w, |weight| {
                 let wm = match &scratch {
                     Some(s) => {
@@ -986,6 +1009,20 @@ impl Backend for CudaBackend {
         }
         w.lora = lora;
         Ok(())
+    }
+
+    fn linear_gelu(&self, x: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
+        fused::linear_gelu(self, x, w)
+    }
+
+    fn linear_gate_residual(
+        &self,
+        x: &CudaTensor,
+        w: &CudaLinear,
+        gate: &CudaTensor,
+        residual: &mut CudaTensor,
+    ) -> Result<()> {
+        fused::linear_gate_residual(self, x, w, gate, residual)
     }
 
     fn silu(&self, x: &CudaTensor) -> Result<CudaTensor> {

@@ -229,6 +229,25 @@ pub trait Backend {
         gate: &Self::Tensor,
         y: &Self::Tensor,
     ) -> Result<()>;
+    /// `GELU_tanh(x·Wᵀ + b)` (an MLP's first layer): [`Backend::linear`] then
+    /// [`Backend::gelu_tanh`], which a backend may fuse (CUDA: GELU in the GEMM's epilogue).
+    fn linear_gelu(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor> {
+        let h = self.linear(x, w)?;
+        self.gelu_tanh(&h)
+    }
+    /// `residual += gate ⊙ (x·Wᵀ + b)` (a block's output projection onto its stream):
+    /// [`Backend::linear`] then [`Backend::gate_residual`], which a backend may fuse (CUDA, fp8
+    /// weights: the gate in the dequantised weight, the GEMM accumulating onto the residual).
+    fn linear_gate_residual(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Linear,
+        gate: &Self::Tensor,
+        residual: &mut Self::Tensor,
+    ) -> Result<()> {
+        let y = self.linear(x, w)?;
+        self.gate_residual(residual, gate, &y)
+    }
     /// `[a; b]` along rows: `[La, C] ‖ [Lb, C] → [La + Lb, C]`.
     fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `[a | b]` along features: `[L, Ca] ‖ [L, Cb] → [L, Ca + Cb]`.

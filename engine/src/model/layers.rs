@@ -245,9 +245,20 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     /// `x [N, D] → [N, D]`.
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor> {
-        let h = b.linear(x, &self.fc0)?; // [N, M]
-        let h = b.gelu_tanh(&h)?; // [N, M]
+        let h = b.linear_gelu(x, &self.fc0)?; // [N, M]
         b.linear(&h, &self.fc2) // [N, D]
+    }
+
+    /// `residual += gate ⊙ forward(x)`: x, residual `[N, D]`, gate `[1, D]`.
+    pub fn forward_gate_residual(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+        gate: &B::Tensor,
+        residual: &mut B::Tensor,
+    ) -> Result<()> {
+        let h = b.linear_gelu(x, &self.fc0)?; // [N, M]
+        b.linear_gate_residual(&h, &self.fc2, gate, residual) // [N, D]
     }
 }
 
@@ -415,18 +426,16 @@ impl<B: Backend> DoubleStreamBlock<B> {
         let img_attn = b.slice_rows(&attn, lt, lt + ni)?; // [Ni, D]
 
         // image residuals
-        let y = b.linear(&img_attn, &self.img_attn.proj)?; // [Ni, D]
-        b.gate_residual(&mut img, &img_mod1.gate, &y)?; // [Ni, D]
+        b.linear_gate_residual(&img_attn, &self.img_attn.proj, &img_mod1.gate, &mut img)?; // [Ni, D]
         let x = b.norm_modulate(&img, &img_mod2.shift, &img_mod2.scale)?; // [Ni, D]
-        let y = self.img_mlp.forward(b, &x)?; // [Ni, D]
-        b.gate_residual(&mut img, &img_mod2.gate, &y)?; // [Ni, D]
+        self.img_mlp
+            .forward_gate_residual(b, &x, &img_mod2.gate, &mut img)?; // [Ni, D]
 
         // text residuals
-        let y = b.linear(&txt_attn, &self.txt_attn.proj)?; // [Lt, D]
-        b.gate_residual(&mut txt, &txt_mod1.gate, &y)?; // [Lt, D]
+        b.linear_gate_residual(&txt_attn, &self.txt_attn.proj, &txt_mod1.gate, &mut txt)?; // [Lt, D]
         let x = b.norm_modulate(&txt, &txt_mod2.shift, &txt_mod2.scale)?; // [Lt, D]
-        let y = self.txt_mlp.forward(b, &x)?; // [Lt, D]
-        b.gate_residual(&mut txt, &txt_mod2.gate, &y)?; // [Lt, D]
+        self.txt_mlp
+            .forward_gate_residual(b, &x, &txt_mod2.gate, &mut txt)?; // [Lt, D]
         Ok((img, txt))
     }
 }
@@ -508,8 +517,7 @@ impl<B: Backend> SingleStreamBlock<B> {
         let mlp = b.slice_cols(&lin1, 3 * d, 3 * d + m)?; // [L, M]
         let mlp = b.gelu_tanh(&mlp)?; // [L, M]
         let u = b.concat_cols(&attn, &mlp)?; // [L, D + M], attention first
-        let y = b.linear(&u, &self.linear2)?; // [L, D]
-        b.gate_residual(&mut x, &m1.gate, &y)?; // [L, D]
+        b.linear_gate_residual(&u, &self.linear2, &m1.gate, &mut x)?; // [L, D]
         Ok(x)
     }
 }

@@ -72,7 +72,13 @@ enum {
 enum { OP_N = 0, OP_T = 1, OP_C = 2 };
 enum { FILL_FULL = 2 };
 enum { ORDER_COL = 0 };
-enum { POINTER_MODE_HOST = 0, POINTER_MODE_DEVICE = 1 };
+enum {
+    POINTER_MODE_HOST = 0,
+    POINTER_MODE_DEVICE = 1,
+    POINTER_MODE_DEVICE_VECTOR = 2,
+    POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO = 3,
+    POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST = 4,
+};
 
 enum {
     EPILOGUE_DEFAULT = 1,
@@ -511,9 +517,25 @@ static cublasStatus_t resolve(const MatmulDesc* desc, const Layout* a, const Lay
     if (desc->scale_type != CUDA_R_32F)
         REFUSE(CUBLAS_STATUS_NOT_SUPPORTED, "scale type %s: only CUDA_R_32F is supported",
                type_name(desc->scale_type));
-    if (desc->pointer_mode != POINTER_MODE_HOST && desc->pointer_mode != POINTER_MODE_DEVICE)
-        REFUSE(CUBLAS_STATUS_NOT_SUPPORTED, "pointer mode %d: only HOST and DEVICE are supported",
-               desc->pointer_mode);
+    // The vector pointer modes (alpha, or alpha and beta, one per row of D) are documented only
+    // for the IMMA kernels: ALPHA_DEVICE_VECTOR_BETA_HOST with int8 A/B in the regular TN
+    // ordering, DEVICE_VECTOR and ALPHA_DEVICE_VECTOR_BETA_ZERO with the COL32 orderings
+    // ("cublasLtMatmul()", "To use IMMA kernels"). No int8 type is emulated, so every GEMM this
+    // cuBLASLt runs refuses them, as the documentation leaves them out for bf16, f16, f32 and fp8.
+    switch (desc->pointer_mode) {
+        case POINTER_MODE_HOST:
+        case POINTER_MODE_DEVICE: break;
+        case POINTER_MODE_DEVICE_VECTOR:
+        case POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO:
+        case POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_HOST:
+            REFUSE(CUBLAS_STATUS_NOT_SUPPORTED,
+                   "pointer mode %d (a per-row alpha vector): cuBLASLt documents the vector "
+                   "pointer modes for IMMA (CUDA_R_8I) kernels only, not for A %s, B %s",
+                   desc->pointer_mode, type_name(a->type), type_name(b->type));
+        default:
+            REFUSE(CUBLAS_STATUS_INVALID_VALUE, "pointer mode %d is not a cublasLtPointerMode_t",
+                   desc->pointer_mode);
+    }
     p->pointer_mode = desc->pointer_mode;
 
     // The "Datatypes supported by cublasLtMatmul()" tables, for the compute types emulated.

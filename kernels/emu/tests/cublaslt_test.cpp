@@ -582,6 +582,21 @@ static void refusals() {
         expect("accept: fp8 TN, 16-byte aligned (control)", s.hs, SUCCESS);
         free_setup(s);
     }
+    // The per-row alpha vector modes: documented for IMMA (int8) kernels only, so refused for
+    // bf16 and fp8 (the gate-on-the-output-features fusion cannot rely on them).
+    for (int mode : {2, 3, 4})
+        for (int t : {R_16BF, R_E4M3}) {
+            Setup s;
+            build(s, t, t, R_16BF, 32, 16, 32, true, false, 32, 32, 32);
+            int32_t pm = mode;
+            descSet(s.x.desc, DESC_POINTER_MODE, &pm, 4);
+            s.hs = heuristic(g_handle, s.x.desc, s.x.la, s.x.lb, s.x.lc, s.x.ld, s.x.pref, 1,
+                             &s.hr, &s.count);
+            std::string what = "refuse: pointer mode " + std::to_string(mode) + " (vector alpha) " +
+                               tname(t) + " TN";
+            expect(what.c_str(), s.hs, NOT_SUPPORTED);
+            free_setup(s);
+        }
     {  // ld < rows.
         Setup s;
         build(s, R_16BF, R_16BF, R_16BF, 17, 5, 9, false, false, 16, 9, 17);

@@ -339,3 +339,134 @@ fn plans_are_reused_and_stay_correct() {
         }
     }
 }
+
+/// The e4m3fn code of `v` (round to nearest even, saturating), by search over the loader's table.
+fn e4m3_rne(v: f32) -> u8 {
+    use kontext_loader::dtype::E4M3_TO_F32;
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = f64::from(v.abs());
+    let (mut best, mut best_err) = (0u8, f64::INFINITY);
+    for code in 0..=0x7Eu8 {
+        let err = (f64::from(f32::from_bits(E4M3_TO_F32[code as usize])) - a).abs();
+        if err < best_err || (err == best_err && code % 2 == 0) {
+            (best, best_err) = (code, err);
+        }
+    }
+    best | sign
+}
+
+/// `x [m, k] · wᵀ` (w `[n, k]`) in f64, on every core.
+fn matmul_f64(x: &[f64], w: &[f64], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut y = vec![0.0; m * n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let rows = m.div_ceil(threads);
+    std::thread::scope(|s| {
+        for (t, out) in y.chunks_mut(rows * n).enumerate() {
+            s.spawn(move || {
+                for (r, row) in out.chunks_mut(n).enumerate() {
+                    let xi = &x[(t * rows + r) * k..][..k];
+                    for (j, o) in row.iter_mut().enumerate() {
+                        *o = xi.iter().zip(&w[j * k..][..k]).map(|(a, b)| a * b).sum();
+                    }
+                }
+            });
+        }
+    });
+    y
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let (mut e, mut r) = (0.0, 0.0);
+    for (&g, &w) in got.iter().zip(want) {
+        assert!(g.is_finite(), "unwritten or overflowed output");
+        e += (f64::from(g) - w).powi(2);
+        r += w * w;
+    }
+    (e / r).sqrt()
+}
+
+/// The two routes for an fp8 weight at a Flux width (in = out = 3072, L = 256), against the f64
+/// product with the bf16 weight the fp8 one was quantised from, and against the f64 product with
+/// the fp8 weight itself (what an fp8 checkpoint defines): (i) dequantise into bf16 + bf16 GEMM,
+/// (ii) e4m3 activations (per-tensor scale) × e4m3 weight on cuBLASLt's fp8 path.
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn fp8_routes_error_against_bf16() {
+    let g = gpu();
+    let k8 = kontext_kernels::Kernels::load(&g).expect("kernels");
+    let (l, kin, n) = (256, 3072, 3072);
+    // Activations like a modulated LayerNorm's: N(0, 1) with a few large outliers; weights
+    // N(0, 0.02²) as in Flux's linears. Box–Muller on the harness' uniform stream.
+    let normal = |count: usize, std: f32, seed: u64| -> Vec<f32> {
+        let u = super::harness::random(2 * count, seed);
+        (0..count)
+            .map(|i| {
+                let (a, b) = ((u[2 * i] + 1.0) * 0.5 + 1e-7, u[2 * i + 1]);
+                let z = (-2.0 * a.ln()).sqrt() * (std::f32::consts::PI * b).cos();
+                half::bf16::from_f32(std * z).to_f32()
+            })
+            .collect()
+    };
+    let mut x = normal(l * kin, 1.0, 11);
+    for i in (0..x.len()).step_by(1009) {
+        x[i] = half::bf16::from_f32(x[i] * 20.0).to_f32();
+    }
+    let w = normal(n * kin, 0.02, 12);
+    let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let w_scale = amax / 448.0;
+    let codes: Vec<u8> = w.iter().map(|&v| e4m3_rne(v / w_scale)).collect();
+    let wq: Vec<f64> = codes
+        .iter()
+        .map(|&c| {
+            f64::from(f32::from_bits(
+                kontext_loader::dtype::E4M3_TO_F32[c as usize],
+            )) * f64::from(w_scale)
+        })
+        .collect();
+    let xd: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let wd: Vec<f64> = w.iter().map(|&v| f64::from(v)).collect();
+    let ref_bf16 = matmul_f64(&xd, &wd, l, kin, n);
+    let ref_fp8 = matmul_f64(&xd, &wq, l, kin, n);
+
+    let dx = g.upload_bf16(&x, l, kin).expect("x");
+    let w8 = g.upload_bytes(&codes, DType::F8E4M3, n, kin).expect("w8");
+    let weight = kontext_kernels::weights::DeviceWeight::single(w8, w_scale);
+    // (i) dequantise, bf16 GEMM.
+    let wb = poisoned(&g, DType::Bf16, n, kin, kin);
+    k8.dequant_fp8(&weight, &wb).expect("dequant");
+    let y1 = poisoned(&g, DType::Bf16, l, n, n);
+    gemm().linear(&dx, &wb, None, &y1).expect("bf16 gemm");
+    let y1 = g.read_f32(&y1).expect("read");
+    // (ii) quantised activations, fp8 GEMM.
+    let x8 = poisoned(&g, DType::F8E4M3, l, kin, kin);
+    let scales = poisoned(&g, DType::F32, 1, 2, 2);
+    k8.quantise_e4m3(&dx, &x8, &scales).expect("quantise");
+    let y2 = poisoned(&g, DType::Bf16, l, n, n);
+    gemm()
+        .linear_fp8(
+            &x8,
+            &scales.cols_range(1, 2).expect("scale"),
+            &weight.data,
+            w_scale,
+            None,
+            &y2,
+            kontext_kernels::gemm::Epilogue::None,
+        )
+        .expect("fp8 gemm");
+    let y2 = g.read_f32(&y2).expect("read");
+    let (d_bf, d_f8) = (rel_l2(&y1, &ref_bf16), rel_l2(&y1, &ref_fp8));
+    let (q_bf, q_f8) = (rel_l2(&y2, &ref_bf16), rel_l2(&y2, &ref_fp8));
+    eprintln!(
+        "fp8 routes, [{l}, {kin}]·[{n}, {kin}]ᵀ, ‖y − ref‖/‖ref‖:\n\
+         (i)  dequantise + bf16 GEMM: {d_bf:.3e} vs the bf16 weight, {d_f8:.3e} vs the fp8 weight\n\
+         (ii) fp8 × fp8 (e4m3 x):     {q_bf:.3e} vs the bf16 weight, {q_f8:.3e} vs the fp8 weight"
+    );
+    // (i) is the fp8 weight's product up to bf16 output rounding; (ii) adds the activations'
+    // e4m3 rounding (3 mantissa bits: ~2.5e-2 relative), which is about the weight's own.
+    assert!(d_f8 < 4e-3, "dequantise route {d_f8:.3e}");
+    assert!(q_f8 < 4e-2, "fp8 route {q_f8:.3e}");
+    assert!(
+        d_bf < 4e-2 && q_bf < 6e-2,
+        "vs bf16: {d_bf:.3e}, {q_bf:.3e}"
+    );
+}
