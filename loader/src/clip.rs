@@ -152,17 +152,7 @@ mod tests {
 
     #[test]
     fn clip_l_parameter_count_matches_spec() {
-        let c = ClipConfig {
-            vocab_size: 49408,
-            hidden_size: 768,
-            intermediate_size: 3072,
-            num_heads: 12,
-            num_layers: 12,
-            max_positions: 77,
-            layer_norm_eps: 1e-5,
-            hidden_act: "quick_gelu".into(),
-            eos_token_id: 2,
-        };
+        let c = crate::sparse::clip_l();
         let n: usize = expected_shapes(&c)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())

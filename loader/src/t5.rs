@@ -175,17 +175,7 @@ mod tests {
 
     #[test]
     fn xxl_parameter_count_matches_spec() {
-        let c = T5Config {
-            vocab_size: 32128,
-            d_model: 4096,
-            d_kv: 64,
-            d_ff: 10240,
-            num_layers: 24,
-            num_heads: 64,
-            relative_attention_num_buckets: 32,
-            relative_attention_max_distance: 128,
-            layer_norm_epsilon: 1e-6,
-        };
+        let c = crate::sparse::t5_xxl();
         let n: usize = expected_shapes(&c)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())

@@ -331,17 +331,7 @@ mod tests {
     use super::*;
 
     fn flux_ae() -> VaeConfig {
-        VaeConfig {
-            in_channels: 3,
-            out_channels: 3,
-            ch: 128,
-            ch_mult: vec![1, 2, 4, 4],
-            num_res_blocks: 2,
-            z_channels: 16,
-            norm_groups: 32,
-            scale_factor: 0.3611,
-            shift_factor: 0.1159,
-        }
+        crate::sparse::flux_ae()
     }
 
     #[test]
