@@ -2,7 +2,9 @@
 //! no data): every mode's peak at 512², 1024² and 1024² with two references, and the card
 //! targets of issue 12. Only headers are read; nothing runs on a device.
 
-use kontext_engine::memory::{choose, gib, plan_mode, MemoryOptions, MemoryPlan, Mode, GIB};
+use kontext_engine::memory::{
+    check_host, choose, gib, plan_mode, MemoryOptions, MemoryPlan, Mode, GIB,
+};
 use kontext_engine::pipeline::Components;
 use kontext_engine::request::{plan_sizes, EditOptions, ResizePolicy};
 use kontext_loader::sparse::write_full_size_model;
@@ -55,6 +57,14 @@ fn full_size_plans_meet_the_card_targets() {
     let s = sizes(1024, 1);
     let fp8 = plan_mode(&c, &s, 28, Mode::Fp8, &none, None, None).unwrap();
     assert!(fp8.peak_bytes <= 20 * GIB, "mode 2 {}", gib(fp8.peak_bytes));
+    // Its streamed text encoders live in page-locked host memory: a machine without room for
+    // them is refused, naming both sizes; one with room is not.
+    let err = check_host(&fp8, Some(4 * GIB)).unwrap_err().to_string();
+    assert!(
+        err.contains("page-locked") && err.contains("4.00 GiB"),
+        "{err}"
+    );
+    check_host(&fp8, Some(64 * GIB)).unwrap();
     for (card, target) in [(16u64, 14.0f64), (12, 10.5)] {
         let budget = (target * GIB as f64) as u64;
         let opts = MemoryOptions {
