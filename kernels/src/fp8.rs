@@ -85,7 +85,14 @@ impl Functions {
 
     /// Every kernel of the family ([`Kernels::launch_counts`]).
     pub(crate) fn loaded(&self) -> Vec<&Loaded> {
-        vec![&self.e4m3, &self.e5m2]
+        vec![
+            &self.e4m3,
+            &self.e5m2,
+            &self.e4m3_rows,
+            &self.e5m2_rows,
+            &self.amax,
+            &self.quantise,
+        ]
     }
 }
 

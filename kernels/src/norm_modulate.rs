@@ -107,7 +107,13 @@ impl Functions {
 
     /// Every kernel of the family ([`Kernels::launch_counts`]).
     pub(crate) fn loaded(&self) -> Vec<&Loaded> {
-        vec![&self.norm_modulate, &self.layer_norm, &self.rms_norm]
+        vec![
+            &self.norm_modulate,
+            &self.norm_modulate_amax,
+            &self.norm_modulate_e4m3,
+            &self.layer_norm,
+            &self.rms_norm,
+        ]
     }
 }
 
