@@ -102,6 +102,17 @@ fn edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tolerance() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&g.stdout).unwrap();
     assert_eq!(summary["device"], "cuda");
+    // Head dim 16: the fallback (QKNorm + RoPE pass, plain attention), no tensor-core kernel.
+    let launches = &summary["launches"];
+    assert!(launches["qk_norm_rope"].as_u64().unwrap() > 0, "{launches}");
+    assert!(
+        launches
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.starts_with("attention_mma")),
+        "{launches}"
+    );
     assert!(
         summary["gpu"].as_str().unwrap().contains("emulated"),
         "{summary}"
@@ -160,6 +171,19 @@ fn head_dim_128_edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tol
         "{summary}"
     );
     let gpu_s = t.elapsed().as_secs_f64();
+    // The fast path ran, not the fallback: one fused tensor-core attention per block and step
+    // (1 double + 1 single block, 2 steps), and no separate QKNorm/RoPE pass.
+    let launches = &summary["launches"];
+    let blocks = meta["configs"]["transformer"]["num_layers"]
+        .as_u64()
+        .unwrap()
+        + meta["configs"]["transformer"]["num_single_layers"]
+            .as_u64()
+            .unwrap();
+    let want = blocks * case["num_inference_steps"].as_u64().unwrap();
+    assert_eq!(launches["attention_mma_d128"], want, "{launches}");
+    assert_eq!(launches["attention_mma_k_norm_rope"], want, "{launches}");
+    assert!(launches.get("qk_norm_rope").is_none(), "{launches}");
     let c = run(&model, "cpu", &cpu_png, &[], &args);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let (max, mean) = pixel_diff(&gpu_png, &cpu_png);

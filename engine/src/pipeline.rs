@@ -183,6 +183,18 @@ pub struct Pipeline {
     /// On CUDA: the memory plan the weights were placed by, and the device budget it was made
     /// for (None on the CPU).
     pub memory: Option<(MemoryPlan, u64)>,
+    /// The last prompt's encoding, so that images from one prompt (`--count`, a batch of seeds)
+    /// encode it once: with streamed text encoders a new prompt copies 9.5 GB.
+    prompt_cache: std::sync::Mutex<Option<PromptEncoding>>,
+}
+
+/// A prompt's T5 and CLIP outputs, the notes its encoding made, and the models they came from.
+struct PromptEncoding {
+    prompt: String,
+    models: usize,
+    txt: Vec<f32>,
+    pooled: Vec<f32>,
+    notes: Vec<String>,
 }
 
 fn missing(part: &str, root: &str) -> EngineError {
@@ -356,6 +368,7 @@ impl Pipeline {
             clip_tokenizer,
             scheduler,
             memory: plan,
+            prompt_cache: std::sync::Mutex::new(None),
         };
         pipeline.check_tokenizers()?;
         Ok(pipeline)
@@ -404,6 +417,21 @@ impl Pipeline {
     pub fn gpu_peak_bytes(&self) -> Option<u64> {
         match &self.engine {
             Engine::Cuda(m) => m.flux.backend.gpu().map(|g| g.peak_bytes()),
+            Engine::Cpu(_) => None,
+        }
+    }
+
+    /// CUDA launches per kernel so far (the kernels launched at least once); None on the CPU.
+    pub fn launch_counts(&self) -> Option<Vec<(&'static str, u64)>> {
+        match &self.engine {
+            Engine::Cuda(m) => Some(
+                m.flux
+                    .backend
+                    .launch_counts()
+                    .into_iter()
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
+            ),
             Engine::Cpu(_) => None,
         }
     }
@@ -491,6 +519,24 @@ impl Pipeline {
         prompt: &str,
         notes: &mut Vec<String>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        // Only the pipeline's own models are cached: they live as long as it does (others, run
+        // with these tokenizers through `run_with`, may be dropped and their address reused).
+        let models = m as *const Models<B> as usize;
+        let own = match &self.engine {
+            Engine::Cpu(mm) => mm as *const Models<CpuBackend> as usize,
+            Engine::Cuda(mm) => mm as *const Models<CudaBackend> as usize,
+        };
+        if let Some(c) = self
+            .prompt_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|c| c.prompt == prompt && c.models == models)
+        {
+            notes.extend(c.notes.iter().cloned());
+            return Ok((c.txt.clone(), c.pooled.clone()));
+        }
+        let first_note = notes.len();
         let t5_ids = self.t5_tokenizer.encode(prompt)?;
         if let Some(t) = &t5_ids.truncation {
             notes.push(Self::truncation_note("T5", t));
@@ -509,6 +555,15 @@ impl Pipeline {
             &mut || clip.forward(&clip_ids.ids, None).map(drop),
             &mut || Ok(clip.forward(&clip_ids.ids, None)?.pooled),
         )?; // [d]
+        if models == own {
+            *self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner()) = Some(PromptEncoding {
+                prompt: prompt.to_string(),
+                models,
+                txt: txt.clone(),
+                pooled: pooled.clone(),
+                notes: notes[first_note..].to_vec(),
+            });
+        }
         Ok((txt, pooled))
     }
 

@@ -127,6 +127,21 @@ fn every_mode_gives_the_resident_image_within_its_plan() {
             assert!(m.flux.single_blocks.iter().any(|b| b.linear1.is_streamed()));
         }
         println!("  stream copies: {stats:?}");
+        if mode == Mode::Fp8 {
+            // A second image from the same prompt reuses its encoding: T5 (the only user of
+            // rms_norm) does not run again and streams nothing, and the image is the same.
+            let t5_runs = |p: &Pipeline| {
+                let c = p.launch_counts().unwrap();
+                c.iter()
+                    .find(|(k, _)| *k == "rms_norm")
+                    .map_or(0, |(_, n)| *n)
+            };
+            let before = t5_runs(&p);
+            assert!(before > 0);
+            let (again, _) = edit(&p);
+            assert_eq!(t5_runs(&p), before, "the prompt was encoded again");
+            assert_eq!(again.pixels, image.pixels);
+        }
         runs.push((image, step1));
     }
     let (resident, fp8, stream) = (&runs[0], &runs[1], &runs[2]);
