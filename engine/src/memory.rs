@@ -567,8 +567,12 @@ pub fn choose(
         Some(i) => Ok((plans, Some(i))),
         None => {
             let smallest = plans.iter().map(|p| p.peak_bytes).min().unwrap_or(0);
+            let which = match opts.mode {
+                Some(m) => format!("memory mode {} (--memory-mode)", m.name()),
+                None => "any memory mode".to_string(),
+            };
             Err(EngineError::Config(format!(
-                "this request does not fit in any memory mode: the smallest plan (mode {}) needs a peak of {} and {} can be used. HINT: a smaller output size, fewer or smaller context images, or a larger --vram on a card that has it",
+                "this request does not fit in {which}: the smallest plan (mode {}) needs a peak of {} and {} can be used. HINT: a smaller output size, fewer or smaller context images, another --memory-mode, or a larger --vram on a card that has it",
                 plans
                     .iter()
                     .min_by_key(|p| p.peak_bytes)

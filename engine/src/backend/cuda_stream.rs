@@ -94,18 +94,15 @@ impl Streamer {
                 format!("{} bytes for [{rows}, {cols}] {dtype}", host.bytes()),
             ));
         }
-        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
-        if self
-            .slots
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
-        {
+        // Locks in the order `with` takes them: slots, then items.
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if slots.is_some() {
             return Err(shape_err(
                 "streamed weight",
                 "internal: a weight was added after the streaming slots were allocated",
             ));
         }
+        let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let w = Arc::new(StreamedWeight {
             id: items.len(),
             host,
