@@ -362,7 +362,7 @@ fn run(args: &RunArgs) -> Result<()> {
     // Everything about the request that can be wrong is checked before the model loads.
     opts.validate()?;
     let sizes: Vec<(usize, usize)> = references.iter().map(|r| (r.width, r.height)).collect();
-    plan_sizes(&sizes, &opts)?;
+    let design = plan_sizes(&sizes, &opts)?;
 
     let base_seed = match &opts.noise {
         NoiseSource::Seed(seed) => Some(*seed),
@@ -418,7 +418,6 @@ fn run(args: &RunArgs) -> Result<()> {
         human_bytes(weight_bytes(&paths))
     ));
     let memory = memory_options(args);
-    let design = plan_sizes(&sizes, &opts)?;
     let pipeline = Pipeline::load_configured(
         &paths,
         device,

@@ -198,6 +198,18 @@ pub struct StagePools {
     pub decode: u64,
 }
 
+impl StagePools {
+    /// The pools live at each stage's peak, by stage (the conditioning lives through the loop).
+    pub fn by_stage(&self) -> [(&'static str, u64); 4] {
+        [
+            ("text", self.text),
+            ("context", self.context),
+            ("denoise", self.conditioning + self.step),
+            ("decode", self.decode),
+        ]
+    }
+}
+
 /// The peak of one stage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StagePeak {
@@ -491,19 +503,15 @@ fn assemble(
     let slot_bytes = 2 * tally.largest_streamed;
     let workspace = workspace_bytes(cc);
     let fixed = tally.device + slot_bytes + workspace;
-    let stages: Vec<StagePeak> = [
-        ("text", pools.text),
-        ("context", pools.context),
-        ("denoise", pools.conditioning + pools.step),
-        ("decode", pools.decode),
-    ]
-    .into_iter()
-    .map(|(stage, p)| StagePeak {
-        stage,
-        pools: p,
-        peak: fixed + p,
-    })
-    .collect();
+    let stages: Vec<StagePeak> = pools
+        .by_stage()
+        .into_iter()
+        .map(|(stage, p)| StagePeak {
+            stage,
+            pools: p,
+            peak: fixed + p,
+        })
+        .collect();
     let peak_bytes = stages.iter().map(|s| s.peak).max().unwrap_or(fixed);
     let nx = (sizes.height / 16) * (sizes.width / 16);
     let nc: usize = sizes
@@ -633,7 +641,12 @@ pub fn device_budget(backend: &CudaBackend, vram: Option<u64>) -> Result<u64> {
         .gpu()
         .ok_or_else(|| EngineError::Config("planning for no device: give --vram GB".into()))?;
     let (free, total) = gpu.mem_info()?;
-    let headroom = (256u64 << 20).min(total as u64 / 64);
     // What this process holds already (the GEMM workspace) is part of every plan's peak.
-    Ok((free as u64 + gpu.in_use_bytes()).saturating_sub(headroom))
+    Ok((free as u64 + gpu.in_use_bytes()).saturating_sub(headroom(total as u64)))
+}
+
+/// Free memory left unplanned on a device of `total` bytes, for what the driver and cuBLASLt
+/// allocate on their own: a sixty-fourth, at most 256 MiB.
+pub fn headroom(total: u64) -> u64 {
+    (256u64 << 20).min(total / 64)
 }

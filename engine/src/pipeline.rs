@@ -606,17 +606,10 @@ impl Pipeline {
                 self.run_references_with(m, references, layout, prompt, opts, progress, stages)
             }
             Engine::Cuda(m) => {
-                let plan = plan_references(references, opts)?;
-                let sizes = SizePlan {
-                    references: plan
-                        .references
-                        .iter()
-                        .map(|r| (r.width, r.height))
-                        .collect(),
-                    width: plan.width,
-                    height: plan.height,
-                    notes: Vec::new(),
-                };
+                // Sizes only: the run resizes the references itself.
+                let dims: Vec<(usize, usize)> =
+                    references.iter().map(|r| (r.width, r.height)).collect();
+                let sizes = crate::request::plan_sizes(&dims, opts)?;
                 self.check_fits(m, &sizes, opts.steps)?;
                 self.run_references_with(m, references, layout, prompt, opts, progress, stages)
             }
@@ -637,16 +630,13 @@ impl Pipeline {
             return Ok(());
         };
         let pools = crate::memory::stage_pools(m, sizes, steps)?;
-        let stages = [
-            ("text encoding", pools.text),
-            ("context encoding", pools.context),
-            ("denoising", pools.conditioning + pools.step),
-            ("decoding", pools.decode),
-        ];
-        let (stage, need) = stages.into_iter().max_by_key(|s| s.1).unwrap_or(("", 0));
+        let (stage, need) = pools
+            .by_stage()
+            .into_iter()
+            .max_by_key(|s| s.1)
+            .unwrap_or(("", 0));
         let (free, total) = gpu.mem_info()?;
-        let headroom = (256u64 << 20).min(total as u64 / 64);
-        let mut avail = (free as u64).saturating_sub(headroom);
+        let mut avail = (free as u64).saturating_sub(crate::memory::headroom(total as u64));
         if let Some((_, budget)) = &self.memory {
             avail = avail.min(budget.saturating_sub(gpu.in_use_bytes()));
         }
@@ -656,7 +646,7 @@ impl Pipeline {
                 .as_ref()
                 .map_or("resident", |(p, _)| p.mode().name());
             return Err(EngineError::Config(format!(
-                "this request does not fit: its {stage} needs {} of activations beside the loaded weights ({} held, memory mode {mode}), and {} is free. HINT: a smaller output size, fewer or smaller context images, or load with a smaller --vram / --memory-mode stream to leave more room",
+                "this request does not fit: its {stage} stage needs {} of activations beside the loaded weights ({} held, memory mode {mode}), and {} is free. HINT: a smaller output size, fewer or smaller context images, or load with a smaller --vram / --memory-mode stream to leave more room",
                 crate::memory::gib(need),
                 crate::memory::gib(gpu.in_use_bytes()),
                 crate::memory::gib(avail)
