@@ -292,3 +292,31 @@ fn default_device_falls_back_to_the_cpu_with_a_note() {
     assert_eq!(summary["device"], "cpu");
     assert!(out.exists());
 }
+
+#[test]
+fn bad_memory_flags_are_one_line_errors_before_any_load() {
+    let model = fixtures().join("tiny-kontext");
+    for (flag, value, needle) in [
+        ("--vram", "abc", "expected GiB"),
+        ("--vram", "12X", "expected GiB"),
+        ("--vram", "0", "between 1 byte and 1 PB"),
+        ("--vram", "-4", "between 1 byte and 1 PB"),
+        ("--memory-mode", "huge", "unknown memory mode"),
+        ("--weights", "int4", "unknown weight type"),
+    ] {
+        // FLAG=VALUE, so that a value such as -4 is not read as a flag.
+        let arg = format!("{flag}={value}");
+        let out = run(&[
+            "--model",
+            s(&model),
+            "--prompt",
+            "a cat",
+            "--output",
+            "/tmp/never-written.png",
+            "--device",
+            "cpu",
+            &arg,
+        ]);
+        assert_one_line_error(&out, needle);
+    }
+}
