@@ -329,13 +329,14 @@ pub fn stage_pools(m: &Models<CudaBackend>, sizes: &SizePlan, steps: usize) -> R
     let cond = b.with_scope(kontext_kernels::arena::Pool::plan(), true, &mut || {
         f.conditioning(&ts[..1], 2.5, &pooled)
     })?;
-    let img = vec![0.0; (nx + nc) * f.config.in_channels];
+    let x = vec![0.0; nx * f.config.in_channels];
+    let ctx = vec![0.0; nc * f.config.in_channels];
     let mut ids = image_ids(lh / 2, lw / 2, 0.0);
     ids.resize((nx + nc) * 3, 1.0);
     let txt = vec![0.0; T5_MAX_LENGTH * f.config.context_in_dim];
     let tids = txt_ids(T5_MAX_LENGTH);
     let inp = FluxInputs {
-        img: &img,
+        img: &[],
         img_ids: &ids,
         txt: &txt,
         txt_ids: &tids,
@@ -343,7 +344,12 @@ pub fn stage_pools(m: &Models<CudaBackend>, sizes: &SizePlan, steps: usize) -> R
         guidance: 2.5,
         y: &pooled,
     };
-    let step = b.plan_bytes(&mut || f.forward_conditioned(&inp, &cond[0], None).map(drop))?;
+    // As the pipeline's plan of its loop: the loop's state, one step, the host's rewrite.
+    let step = b.plan_bytes(&mut || {
+        let mut s = f.denoise_state(&x, &ctx, &inp, &cond[0], -0.1)?;
+        f.denoise_step(&mut s)?;
+        f.set_step(&mut s, &cond[0], -0.1)
+    })?;
     let latent = Latent {
         data: vec![0.0; z * lh * lw],
         channels: z,

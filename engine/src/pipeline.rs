@@ -19,7 +19,7 @@ use crate::memory::{Layout, MemoryOptions, MemoryPlan};
 use crate::model::{Flux, FluxInputs, StageHook};
 use crate::request::{initial_noise, plan_references, EditOptions, NoiseSource, SizePlan};
 use crate::sampling::{
-    image_ids, pack, prepare_kontext_refs, target_rows, txt_ids, unpack, LatentShape, RefLayout,
+    image_ids, pack, prepare_kontext_refs, txt_ids, unpack, LatentShape, RefLayout,
 };
 use crate::schedule::get_schedule;
 use crate::t5::T5Encoder;
@@ -726,7 +726,7 @@ impl Pipeline {
             width: plan.width / 8,
         };
         let noise = initial_noise(&opts.noise, z, plan.width, plan.height)?; // [z, H/8, W/8]
-        let mut x = pack(&noise, target)?; // [Nx, 4z]
+        let x = pack(&noise, target)?; // [Nx, 4z]
         let nx = target.tokens();
         // Context tokens and all image ids are fixed for the whole loop (spec 2.4).
         let (ctx_img, img_ids) = if ctx.is_empty() {
@@ -780,47 +780,51 @@ impl Pipeline {
         let first_cond = conditioning
             .first()
             .ok_or_else(|| EngineError::Config("a denoising loop of 0 steps".into()))?;
-        // Every step has the shapes of the first: plan it, then loop in its memory.
-        let first = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
+        // Every step has the shapes of the first: plan it, then loop in its memory. The loop's
+        // state lives on the device from the first step to the last; a step is device work only
+        // (recorded once and replayed on CUDA, Backend::repeat); between steps the host writes
+        // the next step's conditioning and dt into the state and reads the latents back.
+        let dts: Vec<f32> = schedule.windows(2).map(|w| w[1] - w[0]).collect();
+        let state = || flux.denoise_state(&x, &ctx_img, &base, first_cond, dts[0]);
         let mut plan_step = || {
-            let inp = FluxInputs {
-                img: &first,
-                ..base
-            };
-            flux.forward_conditioned(&inp, first_cond, None).map(drop)
+            let mut s = state()?;
+            flux.denoise_step(&mut s)?;
+            flux.set_step(&mut s, first_cond, dts[0])
         };
-        let mut denoise = || -> Result<()> {
+        let mut denoise = || -> Result<Vec<f32>> {
             progress(&Progress::Denoising { steps: opts.steps });
-            for (i, (w, cond)) in schedule.windows(2).zip(&conditioning).enumerate() {
-                let step_start = Instant::now();
-                let img = [x.as_slice(), &ctx_img].concat(); // [Nx + Nc, 4z]
-                let inp = FluxInputs {
-                    img: &img,
-                    t: w[0],
-                    ..base
-                };
-                let pred = flux.forward_conditioned(&inp, cond, None)?; // [Nx + Nc, 4z]
-                let v = target_rows(&pred, nx, 4 * z)?; // [Nx, 4z]
-                let dt = w[1] - w[0];
-                for (xi, vi) in x.iter_mut().zip(v) {
-                    *xi += dt * vi;
-                }
-                if let Some(j) = x.iter().position(|v| !v.is_finite()) {
-                    return Err(EngineError::Config(format!(
-                        "the latent became non-finite at step {} (value {j}); the transformer weights or config are broken",
-                        i + 1
-                    )));
-                }
-                observe(&format!("latents_step{}", i + 1), &x);
-                progress(&Progress::Step {
-                    step: i + 1,
-                    steps: opts.steps,
-                    took: step_start.elapsed(),
-                });
-            }
-            Ok(())
+            let s = std::cell::RefCell::new(state()?);
+            let mut latents = Vec::new();
+            let mut step_start = Instant::now();
+            flux.backend.repeat(
+                opts.steps,
+                &mut || flux.denoise_step(&mut s.borrow_mut()),
+                &mut |i| {
+                    let mut s = s.borrow_mut();
+                    latents = flux.backend.download(&s.x)?;
+                    if let Some(j) = latents.iter().position(|v| !v.is_finite()) {
+                        return Err(EngineError::Config(format!(
+                            "the latent became non-finite at step {} (value {j}); the transformer weights or config are broken",
+                            i + 1
+                        )));
+                    }
+                    observe(&format!("latents_step{}", i + 1), &latents);
+                    if let Some(next) = conditioning.get(i + 1) {
+                        flux.set_step(&mut s, next, dts[i + 1])?;
+                    }
+                    progress(&Progress::Step {
+                        step: i + 1,
+                        steps: opts.steps,
+                        took: step_start.elapsed(),
+                    });
+                    step_start = Instant::now();
+                    Ok(())
+                },
+            )?;
+            Ok(latents)
         };
-        flux.backend
+        let x = flux
+            .backend
             .planned(&mut plan_step, &mut denoise)
             .map_err(|e| e.in_stage("denoising"))?;
         timings.push(("denoise", t0.elapsed()));

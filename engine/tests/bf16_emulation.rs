@@ -131,6 +131,15 @@ impl Backend for Bf16Cpu {
     fn slice_rows(&self, x: &CpuTensor, b: usize, e: usize) -> R<CpuTensor> {
         Ok(round(C.slice_rows(x, b, e)?))
     }
+    fn euler_step(&self, x: &mut CpuTensor, v: &CpuTensor, dt: &CpuTensor) -> R<()> {
+        C.euler_step(x, &rounded(v), dt) // x and dt stay f32, v is the bf16 velocity
+    }
+    fn copy_into(&self, dst: &mut CpuTensor, src: &CpuTensor) -> R<()> {
+        C.copy_into(dst, src)
+    }
+    fn write(&self, dst: &mut CpuTensor, data: &[f32]) -> R<()> {
+        C.write(dst, data)
+    }
     fn slice_cols(&self, x: &CpuTensor, b: usize, e: usize) -> R<CpuTensor> {
         Ok(round(C.slice_cols(x, b, e)?))
     }

@@ -15,6 +15,7 @@
 //   transpose     y[c, r] = x[r, c]               layout changes at the VAE's boundaries
 //   gather_rows   y[r] = table[ids[r]]            token embeddings (T5 shared, CLIP token_embedding)
 //   cast_f32_bf16 / cast_bf16_f32                 dtype changes at boundaries
+//   euler_step    x += dt·v, x f32, dt f32 [1]     the sampler's Euler update (spec 3)
 // Replaces CpuBackend::{silu, gelu_tanh, add_assign, gate_residual, concat_rows, concat_cols,
 // slice_rows, slice_cols} (engine/src/cpu.rs) and the encoders' pointwise ops.
 //
@@ -94,6 +95,20 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
 extern "C" __global__ void __launch_bounds__(EW_THREADS)
     cast_bf16_f32(const bf16* x, i64 ldx, float* y, i64 ldy, int rows, int cols) {
     FOR_EACH_ELEMENT(rows, cols) y[(i64)r * ldy + c] = ld_bf16(x + (i64)r * ldx + c);
+}
+
+// The Euler update of the denoising loop on the device: latents x stay f32 between steps, v is
+// the transformer's bf16 velocity, dt = t_next − t is read from device memory so that one
+// captured step serves every step (the host writes the next dt before each replay). Explicit
+// round-to-nearest product then sum, no FMA: the same two roundings as the CPU reference's
+// `x += dt * v`, so the GPU and CPU loops update identical inputs identically.
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+    euler_step(float* x, i64 ldx, const bf16* v, i64 ldv, const float* dt, int rows, int cols) {
+    const float h = *dt;
+    FOR_EACH_ELEMENT(rows, cols) {
+        float* px = x + (i64)r * ldx + c;
+        *px = __fadd_rn(*px, __fmul_rn(h, ld_bf16(v + (i64)r * ldv + c)));
+    }
 }
 
 // ids: int32 [rows], each in [0, vocab); an id outside that range writes NaN to its row, so a

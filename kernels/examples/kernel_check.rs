@@ -911,6 +911,25 @@ fn check_elementwise(c: &mut Check) -> R<()> {
             &want,
             Tol::Exact,
         );
+        // euler_step: x f32 += dt·v with dt read on the device; the f32 product and sum, each
+        // rounded, as the CPU loop computes them (exact).
+        let dt = -0.0357f32;
+        let xs = c.up32(&xf, rows, cols)?;
+        let ddt = c.up32(&[dt], 1, 1)?;
+        c.k.euler_step(&xs, &dx, &ddt)?;
+        let got = c.read(&xs)?;
+        let want: Vec<f64> = xf
+            .iter()
+            .zip(&x)
+            .map(|(&u, &v)| (u + dt * v) as f64)
+            .collect();
+        c.compare(
+            "euler_step",
+            &shape(&[rows, cols]),
+            &got,
+            &want,
+            Tol::Exact,
+        );
     }
     // concat_cols / slice through copy2d into column ranges; the gap columns stay poisoned.
     let (l, ca, cb) = (33, 17, 50);

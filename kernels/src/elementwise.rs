@@ -106,6 +106,18 @@ pub const FAMILY: Family = Family {
             name: "transpose",
             args: UNARY,
         },
+        Kernel {
+            name: "euler_step",
+            args: &[
+                Arg::Ptr,
+                Arg::I64,
+                Arg::Ptr,
+                Arg::I64,
+                Arg::Ptr,
+                Arg::I32,
+                Arg::I32,
+            ],
+        },
     ],
 };
 
@@ -127,6 +139,7 @@ pub(crate) struct Functions {
     cast_bf16_f32: Loaded,
     gather_rows: Loaded,
     transpose: Loaded,
+    euler_step: Loaded,
 }
 
 impl Functions {
@@ -145,6 +158,7 @@ impl Functions {
             cast_bf16_f32: f("cast_bf16_f32")?,
             gather_rows: f("gather_rows")?,
             transpose: f("transpose")?,
+            euler_step: f("euler_step")?,
         })
     }
 
@@ -163,6 +177,7 @@ impl Functions {
             &self.cast_bf16_f32,
             &self.gather_rows,
             &self.transpose,
+            &self.euler_step,
         ]
     }
 }
@@ -252,6 +267,30 @@ pub fn check_gate_residual(
     expect_vector(OP, "gate", gate, x.cols)?;
     expect_disjoint(OP, x, "y", y)?;
     expect_disjoint(OP, x, "gate", gate)?;
+    Ok((
+        dims_2d(x.rows, x.cols),
+        to_i32(OP, "rows", x.rows)?,
+        to_i32(OP, "cols", x.cols)?,
+    ))
+}
+
+/// Checks `x += dt·v`: x f32 `[L, C]`, v bf16 `[L, C]`, dt f32 `[1, 1]`; x disjoint from both.
+pub fn check_euler_step(
+    x: &MatDesc,
+    v: &MatDesc,
+    dt: &MatDesc,
+) -> Result<(LaunchDims, i32, i32)> {
+    const OP: &str = "euler_step";
+    for (what, m) in [("x", x), ("v", v), ("dt", dt)] {
+        expect_valid(OP, what, m)?;
+    }
+    expect_dtype(OP, "x", x, DType::F32)?;
+    expect_dtype(OP, "v", v, DType::Bf16)?;
+    expect_dtype(OP, "dt", dt, DType::F32)?;
+    expect_shape(OP, "v", v, x.rows, x.cols)?;
+    expect_shape(OP, "dt", dt, 1, 1)?;
+    expect_disjoint(OP, x, "v", v)?;
+    expect_disjoint(OP, x, "dt", dt)?;
     Ok((
         dims_2d(x.rows, x.cols),
         to_i32(OP, "rows", x.rows)?,
@@ -417,6 +456,28 @@ impl Kernels {
             .i32(&cols);
         // SAFETY: `check_gate_residual` verified x and y [L, D] bf16, gate [1, D] bf16, and that
         // x overlaps neither.
+        unsafe { l.run(dims) }
+    }
+
+    /// `x += dt·v` (the sampler's Euler update): x f32 `[L, C]`, v bf16 `[L, C]`, dt f32
+    /// `[1, 1]` read on the device, so a captured step replays with the dt written before it.
+    pub fn euler_step(&self, x: &DeviceMat, v: &DeviceMat, dt: &DeviceMat) -> Result<()> {
+        let (dx, dv, dd) = (x.desc(), v.desc(), dt.desc());
+        let (dims, rows, cols) = check_euler_step(&dx, &dv, &dd)?;
+        if dx.is_empty() {
+            return Ok(());
+        }
+        let (ldx, ldv) = (dx.ld as i64, dv.ld as i64);
+        let mut l = self.launch(&self.ew.euler_step);
+        l.ptr(&dx.addr)
+            .i64(&ldx)
+            .ptr(&dv.addr)
+            .i64(&ldv)
+            .ptr(&dd.addr)
+            .i32(&rows)
+            .i32(&cols);
+        // SAFETY: `check_euler_step` verified x f32 and v bf16 of one shape, dt one f32, x
+        // overlapping neither.
         unsafe { l.run(dims) }
     }
 

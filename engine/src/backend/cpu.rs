@@ -471,6 +471,33 @@ impl Backend for CpuBackend {
         CpuTensor::new(a.rows, a.cols + b.cols, data)
     }
 
+    fn euler_step(&self, x: &mut CpuTensor, v: &CpuTensor, dt: &CpuTensor) -> Result<()> {
+        check_same("euler_step", self.dims(x), self.dims(v))?;
+        check_same("euler_step", self.dims(dt), (1, 1))?;
+        let h = dt.data[0];
+        for (xi, vi) in x.data.iter_mut().zip(&v.data) {
+            *xi += h * vi;
+        }
+        Ok(())
+    }
+
+    fn copy_into(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
+        check_same("copy_into", self.dims(dst), self.dims(src))?;
+        dst.data.copy_from_slice(&src.data);
+        Ok(())
+    }
+
+    fn write(&self, dst: &mut CpuTensor, data: &[f32]) -> Result<()> {
+        if data.len() != dst.data.len() {
+            return Err(shape_err(
+                "write",
+                format!("{} values for [{}, {}]", data.len(), dst.rows, dst.cols),
+            ));
+        }
+        dst.data.copy_from_slice(data);
+        Ok(())
+    }
+
     fn slice_rows(&self, x: &CpuTensor, begin: usize, end: usize) -> Result<CpuTensor> {
         check_slice_rows(self.dims(x), begin, end)?;
         CpuTensor::new(

@@ -1129,6 +1129,43 @@ impl Backend for CudaBackend {
         self.launch(|d| Ok(d.k.gate_residual(x.mat()?, gate.mat()?, y.mat()?)?))
     }
 
+    fn euler_step(&self, x: &mut CudaTensor, v: &CudaTensor, dt: &CudaTensor) -> Result<()> {
+        check_same("euler_step", self.dims(x), self.dims(v))?;
+        check_same("euler_step", self.dims(dt), (1, 1))?;
+        if x.dtype != DType::F32 || dt.dtype != DType::F32 {
+            return Err(shape_err(
+                "euler_step",
+                "the latents and dt must be f32 tensors (made by upload)",
+            ));
+        }
+        let v = self.bf16(v, "euler_step")?;
+        self.launch(|d| Ok(d.k.euler_step(x.mat()?, v.mat()?, dt.mat()?)?))
+    }
+
+    fn copy_into(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+        check_same("copy_into", self.dims(dst), self.dims(src))?;
+        if dst.rows * dst.cols == 0 {
+            return Ok(());
+        }
+        match (src.dtype, dst.dtype) {
+            (DType::Bf16, DType::Bf16) => {
+                self.launch(|d| Ok(d.k.copy2d(src.mat()?, dst.mat()?)?))
+            }
+            (DType::F32, DType::Bf16) | (DType::Bf16, DType::F32) => {
+                self.launch(|d| Ok(d.k.cast(src.mat()?, dst.mat()?)?))
+            }
+            (s, t) => Err(shape_err("copy_into", format!("{s} into {t}"))),
+        }
+    }
+
+    fn write(&self, dst: &mut CudaTensor, data: &[f32]) -> Result<()> {
+        check_len(data.len(), dst.rows, dst.cols)?;
+        if dst.dtype != DType::F32 {
+            return Err(shape_err("write", "only into an f32 tensor (made by upload)"));
+        }
+        self.launch(|d| Ok(d.gpu.write_f32(dst.mat()?, data)?))
+    }
+
     fn concat_rows(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {
         check_concat_rows(self.dims(a), self.dims(b))?;
         let y = self.tensor(DType::Bf16, a.rows + b.rows, a.cols, "concat_rows")?;

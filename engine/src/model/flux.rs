@@ -49,6 +49,24 @@ pub struct StepConditioning<T> {
     pub final_layer: LastLayerModulation<T>,
 }
 
+/// What the denoising loop keeps on the device from its start to its end ([`Flux::denoise_state`]):
+/// a step ([`Flux::denoise_step`]) reads and writes only these, so it is the same work every
+/// step and a backend may record it once and replay it ([`Backend::repeat`]).
+pub struct DenoiseState<T> {
+    /// Packed target latents `[Nx, in_channels]`, f32, updated in place by each step.
+    pub x: T,
+    /// Packed context latents `[Nc, in_channels]` (all references), fixed.
+    pub ctx: T,
+    /// T5 hidden states `[Lt, context_in_dim]`.
+    pub txt: T,
+    /// RoPE table of `[text ‖ target ‖ context]` `[L, Dh]`.
+    pub pe: T,
+    /// The conditioning the next step reads ([`Flux::set_step`] copies a step's into it).
+    pub cond: StepConditioning<T>,
+    /// The next step's `t_next − t` `[1, 1]` (f32).
+    pub dt: T,
+}
+
 /// The Flux (Kontext) transformer on backend `B`.
 pub struct Flux<B: Backend> {
     /// The backend every op runs on.
@@ -312,6 +330,116 @@ impl<B: Backend> Flux<B> {
             .forward_modulated(b, &img, &cond.final_layer)?; // [Ni, out]
         observe(b, &mut hook, || "output".into(), &out)?;
         Ok(out)
+    }
+
+    /// The denoising loop's state from host inputs: target latents `x [Nx, in]` (f32), context
+    /// latents `ctx [Nc, in]`, `inp`'s text, ids (`img_ids` of `[target ‖ context]`), the
+    /// conditioning of the first step `cond` and its `dt` (copies: the state owns its memory).
+    pub fn denoise_state(
+        &self,
+        x: &[f32],
+        ctx: &[f32],
+        inp: &FluxInputs<'_>,
+        cond: &StepConditioning<B::Tensor>,
+        dt: f32,
+    ) -> Result<DenoiseState<B::Tensor>> {
+        let c = &self.config;
+        let b = &self.backend;
+        let cin = c.in_channels.max(1);
+        let (nx, nc) = (x.len() / cin, ctx.len() / cin);
+        check_len("x", x, nx, c.in_channels, format!("[Nx, {}]", c.in_channels))?;
+        check_len("ctx", ctx, nc, c.in_channels, format!("[Nc, {}]", c.in_channels))?;
+        let lt = inp.txt.len() / c.context_in_dim.max(1);
+        check_len("txt", inp.txt, lt, c.context_in_dim, format!("[Lt, {}]", c.context_in_dim))?;
+        check_len("img_ids", inp.img_ids, nx + nc, 3, format!("[Nx + Nc = {}, 3]", nx + nc))?;
+        check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
+        // A fixed copy of every conditioning tensor: slicing all rows copies.
+        let own = |t: &B::Tensor| b.slice_rows(t, 0, b.dims(t).0);
+        let triple = |m: &ModulationOut<B::Tensor>| -> Result<ModulationOut<B::Tensor>> {
+            Ok(ModulationOut {
+                shift: own(&m.shift)?,
+                scale: own(&m.scale)?,
+                gate: own(&m.gate)?,
+            })
+        };
+        let cond = StepConditioning {
+            vec: own(&cond.vec)?,
+            double_blocks: cond
+                .double_blocks
+                .iter()
+                .map(|m| {
+                    Ok(DoubleBlockModulation {
+                        img_mod1: triple(&m.img_mod1)?,
+                        img_mod2: triple(&m.img_mod2)?,
+                        txt_mod1: triple(&m.txt_mod1)?,
+                        txt_mod2: triple(&m.txt_mod2)?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            single_blocks: cond.single_blocks.iter().map(triple).collect::<Result<_>>()?,
+            final_layer: LastLayerModulation {
+                shift: own(&cond.final_layer.shift)?,
+                scale: own(&cond.final_layer.scale)?,
+            },
+        };
+        Ok(DenoiseState {
+            x: b.upload(x, nx, c.in_channels)?,
+            ctx: b.upload(ctx, nc, c.in_channels)?,
+            txt: b.upload(inp.txt, lt, c.context_in_dim)?,
+            pe: self.pe(inp.txt_ids, inp.img_ids)?,
+            cond,
+            dt: b.upload(&[dt], 1, 1)?,
+        })
+    }
+
+    /// Rewrites the state's conditioning and dt with the next step's, in place (the host's work
+    /// between two steps).
+    pub fn set_step(
+        &self,
+        s: &mut DenoiseState<B::Tensor>,
+        cond: &StepConditioning<B::Tensor>,
+        dt: f32,
+    ) -> Result<()> {
+        let b = &self.backend;
+        let triple = |dst: &mut ModulationOut<B::Tensor>, src: &ModulationOut<B::Tensor>| {
+            b.copy_into(&mut dst.shift, &src.shift)?;
+            b.copy_into(&mut dst.scale, &src.scale)?;
+            b.copy_into(&mut dst.gate, &src.gate)
+        };
+        let cur = &mut s.cond;
+        if cur.double_blocks.len() != cond.double_blocks.len()
+            || cur.single_blocks.len() != cond.single_blocks.len()
+        {
+            return Err(shape_err("Flux::set_step", "conditioning of another model"));
+        }
+        b.copy_into(&mut cur.vec, &cond.vec)?;
+        for (d, m) in cur.double_blocks.iter_mut().zip(&cond.double_blocks) {
+            triple(&mut d.img_mod1, &m.img_mod1)?;
+            triple(&mut d.img_mod2, &m.img_mod2)?;
+            triple(&mut d.txt_mod1, &m.txt_mod1)?;
+            triple(&mut d.txt_mod2, &m.txt_mod2)?;
+        }
+        for (d, m) in cur.single_blocks.iter_mut().zip(&cond.single_blocks) {
+            triple(d, m)?;
+        }
+        b.copy_into(&mut cur.final_layer.shift, &cond.final_layer.shift)?;
+        b.copy_into(&mut cur.final_layer.scale, &cond.final_layer.scale)?;
+        b.write(&mut s.dt, &[dt])
+    }
+
+    /// One Euler step on the state, device work only: the velocity of `[x ‖ ctx]` under the
+    /// state's conditioning, then `x += dt·v` on the target rows.
+    pub fn denoise_step(&self, s: &mut DenoiseState<B::Tensor>) -> Result<()> {
+        let b = &self.backend;
+        let nx = b.dims(&s.x).0;
+        let img = if b.dims(&s.ctx).0 == 0 {
+            b.slice_rows(&s.x, 0, nx)?
+        } else {
+            b.concat_rows(&s.x, &s.ctx)? // [Nx + Nc, in]
+        };
+        let pred = self.forward_embedded(&img, &s.txt, &s.cond, &s.pe, None)?; // [Ni, out]
+        let v = b.slice_rows(&pred, 0, nx)?; // [Nx, out]
+        b.euler_step(&mut s.x, &v, &s.dt)
     }
 
     /// One forward from host inputs → velocity `[Ni, out]` (all image rows; the sampler keeps the
