@@ -29,6 +29,7 @@ pub mod error;
 pub mod fp8;
 pub mod gemm;
 pub mod gpu;
+pub mod graph;
 pub mod group_norm;
 pub mod launch;
 pub mod libs;
