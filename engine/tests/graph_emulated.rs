@@ -9,8 +9,8 @@
 use kontext_engine::backend::cpu::CpuBackend;
 use kontext_engine::backend::cuda::CudaBackend;
 use kontext_engine::backend::Backend;
-use kontext_engine::weights::HostWeight;
 use kontext_engine::error::Result;
+use kontext_engine::weights::HostWeight;
 
 const L: usize = 7; // rows: not a multiple of any tile
 const D: usize = 40;
@@ -246,7 +246,9 @@ fn a_step_that_reads_back_or_allocates_fails_the_capture() {
         "{text}"
     );
     // The backend works after a failed capture.
-    let y = cuda.download(&xr.borrow()).expect("usable after a failed capture");
+    let y = cuda
+        .download(&xr.borrow())
+        .expect("usable after a failed capture");
     assert_eq!(y.len(), L * D);
 }
 

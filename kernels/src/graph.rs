@@ -55,7 +55,9 @@ impl Drop for Capturing<'_> {
             // SAFETY: the stream is capturing (begun by Gpu::capture, not ended); the graph the
             // driver returns, if any, is destroyed at once and never launched.
             unsafe {
-                if let Ok(g) = cudarc::driver::result::stream::end_capture(self.gpu.stream().cu_stream()) {
+                if let Ok(g) =
+                    cudarc::driver::result::stream::end_capture(self.gpu.stream().cu_stream())
+                {
                     if !g.is_null() {
                         let _ = cudarc::driver::result::graph::destroy(g);
                     }
@@ -95,9 +97,7 @@ impl Gpu {
         guard.open = true;
         let body = f();
         guard.open = false;
-        let ended = self
-            .stream()
-            .end_capture(sys::CUgraphInstantiate_flags(0));
+        let ended = self.stream().end_capture(sys::CUgraphInstantiate_flags(0));
         let launches = self
             .capture
             .lock()

@@ -67,8 +67,7 @@ impl CudaBackend {
     /// device, graphs not switched off, no streamed weight).
     pub fn graphs_enabled(&self) -> bool {
         self.shared.dev.as_ref().is_some_and(|d| {
-            d.streamer.get().is_none()
-                && std::env::var("KONTEXT_CUDA_GRAPH").as_deref() != Ok("0")
+            d.streamer.get().is_none() && std::env::var("KONTEXT_CUDA_GRAPH").as_deref() != Ok("0")
         })
     }
 }

@@ -78,12 +78,24 @@ fn a_graph_replays_its_launches_with_the_parameter_values_of_the_capture() {
     assert_eq!(graph.nodes(), 3, "a kernel, a copy and a memset");
     assert_eq!(read::<i32>(&x), vec![0; N], "a capture runs nothing");
     assert_eq!(read::<i32>(&z), vec![0; N], "a capture runs nothing");
-    assert_eq!(control::launches("add_to"), before, "a capture executes no kernel");
+    assert_eq!(
+        control::launches("add_to"),
+        before,
+        "a capture executes no kernel"
+    );
     for i in 1..=5 {
         graph.launch().expect("cuGraphLaunch");
         g.synchronize().expect("sync");
-        assert_eq!(read::<i32>(&x), vec![3 * i; N], "replay {i}: x += 3 once per replay");
-        assert_eq!(read::<i32>(&y), vec![3 * i; N], "replay {i}: the copy after the kernel");
+        assert_eq!(
+            read::<i32>(&x),
+            vec![3 * i; N],
+            "replay {i}: x += 3 once per replay"
+        );
+        assert_eq!(
+            read::<i32>(&y),
+            vec![3 * i; N],
+            "replay {i}: the copy after the kernel"
+        );
         assert_eq!(read::<i32>(&z), vec![7; N], "replay {i}: the memset");
     }
     assert_eq!(control::launches("add_to"), before + 5, "five executions");
@@ -110,7 +122,11 @@ fn a_captured_copy_from_page_locked_memory_reads_it_at_replay() {
     pinned.as_mut_slice().fill(9);
     graph.launch().expect("replay");
     g.synchronize().expect("sync");
-    assert_eq!(read::<u8>(&x), vec![9; 64], "the copy reads the host memory when it runs");
+    assert_eq!(
+        read::<u8>(&x),
+        vec![9; 64],
+        "the copy reads the host memory when it runs"
+    );
 }
 
 #[test]
@@ -128,7 +144,11 @@ fn the_capture_refuses_what_the_driver_refuses_and_is_invalidated() {
     outside.record(&s).expect("record outside the capture");
     let captured = g.context().new_event(None).expect("event");
     use CUresult::*;
-    type Case<'a> = (&'a str, Box<dyn Fn() -> Result<(), DriverError> + 'a>, CUresult);
+    type Case<'a> = (
+        &'a str,
+        Box<dyn Fn() -> Result<(), DriverError> + 'a>,
+        CUresult,
+    );
     let cases: Vec<Case> = vec![
         (
             "cuStreamSynchronize of the capturing stream",
@@ -217,19 +237,24 @@ fn the_capture_refuses_what_the_driver_refuses_and_is_invalidated() {
         let message = control::last_error();
         let end = s.end_capture(sys::CUgraphInstantiate_flags(0));
         assert_eq!(got, Some(*want), "{what}: {message}");
-        assert!(message.contains("capture"), "{what}: the message names the capture: {message}");
+        assert!(
+            message.contains("capture"),
+            "{what}: the message names the capture: {message}"
+        );
         assert_eq!(
             end.err().map(|e| e.0),
             Some(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
             "{what}: the capture ends in error"
         );
-        s.synchronize().expect("the stream works again after the capture");
+        s.synchronize()
+            .expect("the stream works again after the capture");
     }
     // Allowed in a capture: in-stream order through an event of the same capture.
     s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
         .expect("begin");
     captured.record(&s).expect("record in the capture");
-    s.wait(&captured).expect("a wait on an event of the same capture");
+    s.wait(&captured)
+        .expect("a wait on an event of the same capture");
     assert!(s.end_capture(sys::CUgraphInstantiate_flags(0)).is_ok());
     // Ending a capture that was never begun.
     // SAFETY: a live stream; the graph out-parameter is written only on success.
@@ -256,13 +281,18 @@ fn a_body_that_reads_back_fails_with_the_drivers_refusal() {
         .expect_err("a download inside a capture is refused");
     let text = err.to_string();
     assert!(
-        text.contains("cuMemcpyDtoHAsync") && text.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"),
+        text.contains("cuMemcpyDtoHAsync")
+            && text.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"),
         "{text}"
     );
     let err = g
         .capture(|| g.alloc(256).map(drop))
         .expect_err("an allocation inside a capture is refused");
-    assert!(err.to_string().contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"),
+        "{err}"
+    );
     assert_eq!(g.read_f32(&m).expect("usable again"), vec![1.0; 6]);
     assert!(!g.is_capturing());
 }
@@ -286,7 +316,8 @@ fn a_captured_gemm_replays_bit_for_bit_what_it_computes_eagerly() {
         .expect("bias");
     let eager = g.alloc_mat(DType::Bf16, m, n).expect("y");
     let replayed = g.alloc_mat(DType::Bf16, m, n).expect("y");
-    gemm.linear(&x, &w, Some(&bias), &eager).expect("eager GEMM");
+    gemm.linear(&x, &w, Some(&bias), &eager)
+        .expect("eager GEMM");
     let want = g.read_bytes(&eager).expect("read");
     g.fill_bytes(&replayed, 0xFF).expect("poison");
     let before = control::launches("cublasLtMatmul");
@@ -294,9 +325,16 @@ fn a_captured_gemm_replays_bit_for_bit_what_it_computes_eagerly() {
         .capture(|| gemm.linear(&x, &w, Some(&bias), &replayed))
         .expect("captures the GEMM");
     assert_eq!(graph.nodes(), 1);
-    assert_eq!(control::launches("cublasLtMatmul"), before, "captured, not run");
+    assert_eq!(
+        control::launches("cublasLtMatmul"),
+        before,
+        "captured, not run"
+    );
     let poisoned = g.read_bytes(&replayed).expect("read");
-    assert!(poisoned.iter().all(|&b| b == 0xFF), "nothing written at capture");
+    assert!(
+        poisoned.iter().all(|&b| b == 0xFF),
+        "nothing written at capture"
+    );
     for _ in 0..3 {
         g.fill_bytes(&replayed, 0xFF).expect("poison");
         graph.launch().expect("replay");
