@@ -245,6 +245,17 @@ fn a_step_that_reads_back_or_allocates_fails_the_capture() {
             && text.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"),
         "{text}"
     );
+    // A step that replaces x (an f32 x becomes its bf16 copy in add_assign) instead of updating
+    // it in place: refused, since the replay would read the capture's addresses.
+    let err = cuda
+        .planned(&mut plan, &mut || {
+            let mut f32_x = cuda.upload(&values(L * D, 1, 1.0), L, D)?;
+            cuda.repeat(TIMES, &mut || step(&cuda, &mut f32_x, &w), &mut |_| Ok(()))
+        })
+        .expect_err("a step that replaces a tensor made before is refused");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(text.contains("changed the activations it holds"), "{text}");
     // The backend works after a failed capture.
     let y = cuda
         .download(&xr.borrow())

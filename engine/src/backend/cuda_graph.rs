@@ -15,6 +15,10 @@
 //!   pool alive across runs for the same reason.
 //! - The graph's memory (the pool, the weights, the tensors made before) outlives the graph:
 //!   it is dropped at the end of this call, before any of them can be.
+//! - Checked: the pool holds as many bytes after the capture as before it. A step that keeps a
+//!   tensor it made (`x = op(x)` instead of an in-place op; an f32 `x` that an op replaces by
+//!   its bf16 copy) or drops one made before would replay reads of memory no longer its own, so
+//!   it is refused instead.
 //!
 //! What the capture refuses (a download, an upload, an allocation — a body outside a pool scope
 //! allocates every tensor —, a synchronisation) fails the capture with the driver's error, named
@@ -26,7 +30,7 @@
 //! [`Pool`]: kontext_kernels::arena::Pool
 
 use super::CudaBackend;
-use crate::error::Result;
+use crate::error::{shape_err, Result};
 
 /// The stage named on a failed capture.
 const CAPTURE: &str = "capturing the repeated step as a CUDA graph (the step must be device \
@@ -54,7 +58,24 @@ impl CudaBackend {
             }
             return Ok(());
         };
+        let pool = self.scope().map(|s| s.pool);
+        let held = pool.as_ref().map(|p| p.in_use());
         let graph = d.gpu.capture(&mut *body).map_err(|e| e.in_stage(CAPTURE))?;
+        let now = pool.as_ref().map(|p| p.in_use());
+        if held != now {
+            return Err(shape_err(
+                "repeat",
+                format!(
+                    "the captured step changed the activations it holds ({} bytes of the pool \
+                     in use before it, {} after): it keeps a tensor it made or drops one made \
+                     before (`x = op(x)`, or an f32 x replaced by its bf16 copy), and a CUDA \
+                     graph replays the addresses of the capture; update tensors made before the \
+                     loop in place",
+                    held.unwrap_or(0),
+                    now.unwrap_or(0)
+                ),
+            ));
+        }
         for i in 0..times {
             graph.launch()?;
             d.gpu.synchronize()?;

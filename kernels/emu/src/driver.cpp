@@ -588,12 +588,15 @@ API CUresult cuStreamQuery(CUstream s) {
                       "the capturing stream cannot be queried");
     return CUDA_SUCCESS;
 }
-API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned int) {
+API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned int flags) {
     NEED_CONTEXT();
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
     Event* ev = static_cast<Event*>(e);
     if (Stream* st = recording(s)) {
         if (st->invalidated) return invalidated(st, "cuStreamWaitEvent");
+        if (flags & 1)  // CU_EVENT_WAIT_EXTERNAL: an external wait node
+            return refuse(st, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamWaitEvent",
+                          "external event wait nodes (CU_EVENT_WAIT_EXTERNAL) are not emulated");
         // In-stream order: work recorded before the event is already before what follows.
         if (ev->captured_in == st->capture_id) return CUDA_SUCCESS;
         return refuse(st, CUDA_ERROR_STREAM_CAPTURE_ISOLATION, "cuStreamWaitEvent",
