@@ -2,7 +2,9 @@
 //
 // cublasLtMatmul computed on the host, as the cuBLASLt documentation defines it: column-major
 // layouts, D = epilogue(alpha·op(A)·op(B) + beta·C), run at once (the emulated driver is
-// synchronous, so the stream has nothing queued before it).
+// synchronous, so the stream has nothing queued before it) — or, when the stream is capturing a
+// CUDA graph, checked now and recorded as a node of the capture that runs at every replay (the
+// driver's kontext_emu_enqueue), as the real cuBLASLt supports capture with a user workspace.
 //
 // Numerics are those of a tensor-core GEMM with CUBLAS_COMPUTE_32F: the product of two bf16,
 // f16 or fp8 values is exact in f32, each output has one f32 accumulator summed over k in order,
