@@ -5,7 +5,7 @@
 //! activations come from an [`Arena`](crate::arena::Arena) allocated once). All work runs on one
 //! non-blocking stream, in order, so kernels never race each other; host reads synchronise it.
 //! `KONTEXT_CUDA_SYNC=1` synchronises after every launch, so a fault is reported by the kernel
-//! that caused it.
+//! that caused it (after every replay while a graph captured the launches: [`crate::graph`]).
 
 use crate::arena::PoolRegion;
 use crate::desc::{DType, MatDesc};

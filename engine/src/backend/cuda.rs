@@ -939,8 +939,8 @@ impl Backend for CudaBackend {
         }
     }
 
-    /// Captures `body` once as a CUDA graph and replays it `times` times (see
-    /// [`CudaBackend::repeat_graph`] for when it runs eagerly instead).
+    /// Captures `body` once as a CUDA graph and replays it `times` times; eager with
+    /// `KONTEXT_CUDA_GRAPH=0`, when planning, or when weights are streamed (`cuda_graph.rs`).
     fn repeat(
         &self,
         times: usize,
