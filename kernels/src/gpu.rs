@@ -5,7 +5,7 @@
 //! activations come from an [`Arena`](crate::arena::Arena) allocated once). All work runs on one
 //! non-blocking stream, in order, so kernels never race each other; host reads synchronise it.
 //! `KONTEXT_CUDA_SYNC=1` synchronises after every launch, so a fault is reported by the kernel
-//! that caused it.
+//! that caused it (after every replay while a graph captured the launches: [`crate::graph`]).
 
 use crate::arena::PoolRegion;
 use crate::desc::{DType, MatDesc};
@@ -14,7 +14,7 @@ use crate::probe::{device_info, DeviceInfo};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use half::bf16;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Alignment of every allocation and arena region: enough for 16-byte vector loads and for
 /// cuBLASLt's preferred 256-byte alignment.
@@ -33,6 +33,9 @@ pub struct Gpu {
     peak_bytes: AtomicU64,
     pinned_bytes: AtomicU64,
     sync_each_launch: bool,
+    /// While a CUDA graph is being captured on the stream ([`Gpu::capture`]): the launch
+    /// counter of every kernel launch captured so far, one entry per launch.
+    pub(crate) capture: Mutex<Option<Vec<Arc<AtomicU64>>>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -67,6 +70,7 @@ impl Gpu {
             peak_bytes: AtomicU64::new(0),
             pinned_bytes: AtomicU64::new(0),
             sync_each_launch: std::env::var("KONTEXT_CUDA_SYNC").as_deref() == Ok("1"),
+            capture: Mutex::new(None),
         }))
     }
 
@@ -152,9 +156,31 @@ impl Gpu {
         Ok(ms as f64)
     }
 
-    /// After a launch: with `KONTEXT_CUDA_SYNC=1`, waits for it and names the kernel on a fault.
+    /// Whether a graph is being captured on the stream now (the launch with `counter` is then
+    /// recorded, not executed: the capture remembers its counter instead of it counting).
+    pub(crate) fn captured(&self, counter: &Arc<AtomicU64>) -> bool {
+        let mut c = self.capture.lock().unwrap_or_else(|e| e.into_inner());
+        match c.as_mut() {
+            Some(launches) => {
+                launches.push(counter.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a CUDA graph is being captured on the stream.
+    pub fn is_capturing(&self) -> bool {
+        self.capture
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// After a launch: with `KONTEXT_CUDA_SYNC=1`, waits for it and names the kernel on a fault
+    /// (not while capturing: the capture's work runs at replay, which then synchronises).
     pub(crate) fn launched(&self, kernel: &str) -> Result<()> {
-        if self.sync_each_launch {
+        if self.sync_each_launch && !self.is_capturing() {
             self.stream
                 .synchronize()
                 .map_err(|e| driver_err(format!("kernel {kernel} (KONTEXT_CUDA_SYNC=1)"), e))?;

@@ -11,6 +11,7 @@ use crate::error::{driver_err, KernelError, Result};
 use crate::gpu::Gpu;
 use cudarc::driver::{CudaFunction, LaunchArgs, PushKernelArg};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// The kind of one kernel parameter, as passed by value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,9 +37,11 @@ pub struct Kernel {
 pub(crate) struct Loaded {
     pub(crate) func: CudaFunction,
     pub(crate) sig: &'static Kernel,
-    /// Launches queued so far (one relaxed increment each): what proves which kernel of a
-    /// fast path and its fallback ran ([`crate::Kernels::launch_counts`]).
-    pub(crate) launches: AtomicU64,
+    /// Executions so far (one relaxed increment each): what proves which kernel of a fast path
+    /// and its fallback ran ([`crate::Kernels::launch_counts`]). A launch captured into a CUDA
+    /// graph is not an execution; the graph adds it on every replay ([`crate::graph`]), so it
+    /// is shared with the graphs that captured it.
+    pub(crate) launches: Arc<AtomicU64>,
 }
 
 impl Loaded {
@@ -46,7 +49,7 @@ impl Loaded {
         Loaded {
             func,
             sig,
-            launches: AtomicU64::new(0),
+            launches: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -55,7 +58,7 @@ impl Loaded {
 pub(crate) struct Launch<'a> {
     gpu: &'a Gpu,
     sig: &'static Kernel,
-    launches: &'a AtomicU64,
+    launches: &'a Arc<AtomicU64>,
     args: LaunchArgs<'a>,
     pushed: Vec<Arg>,
 }
@@ -132,7 +135,9 @@ impl<'a> Launch<'a> {
         cfg.shared_mem_bytes = smem_bytes;
         unsafe { self.args.launch(cfg) }
             .map_err(|e| driver_err(format!("launch {}", self.sig.name), e))?;
-        self.launches.fetch_add(1, Ordering::Relaxed);
+        if !self.gpu.captured(self.launches) {
+            self.launches.fetch_add(1, Ordering::Relaxed);
+        }
         self.gpu.launched(self.sig.name)
     }
 }

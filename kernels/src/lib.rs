@@ -29,6 +29,7 @@ pub mod error;
 pub mod fp8;
 pub mod gemm;
 pub mod gpu;
+pub mod graph;
 pub mod group_norm;
 pub mod launch;
 pub mod libs;
@@ -184,9 +185,10 @@ impl Kernels {
         Ok(k)
     }
 
-    /// Launches queued so far per kernel, every kernel of every family (`(name, count)`, in
-    /// family order): cheap counters, valid on a real GPU too, so a check can prove which kernel
-    /// of a fast path and its fallback ran.
+    /// Executions so far per kernel, every kernel of every family (`(name, count)`, in family
+    /// order): cheap counters, valid on a real GPU too, so a check can prove which kernel of a
+    /// fast path and its fallback ran. A launch captured into a CUDA graph counts once per
+    /// replay of the graph, not when captured ([`graph`]).
     pub fn launch_counts(&self) -> Vec<(&'static str, u64)> {
         let mut all: Vec<&Loaded> = Vec::new();
         all.extend(self.norm.loaded());

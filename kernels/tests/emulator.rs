@@ -10,6 +10,7 @@ mod emulator {
     mod attention_mma;
     mod detectors;
     mod gemm;
+    mod graph;
     pub mod harness;
     mod ptx;
     mod runtime;

@@ -62,6 +62,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 #[path = "cuda_fused.rs"]
 mod fused;
 
+// The step captured as a CUDA graph (`Backend::repeat`): a child module for the same reason.
+#[path = "cuda_graph.rs"]
+mod graph;
+
 /// Largest score block of the wide-head attention path (f32 `[bq, L]`): 256 MiB. The VAE's
 /// mid-block at 1024² has L = 16384, so 4096 queries per block.
 const ATTN_SCORE_BYTES: usize = 256 << 20;
@@ -933,6 +937,17 @@ impl Backend for CudaBackend {
             Some(d) => self.with_scope(Pool::new(&d.gpu, bytes)?, false, body),
             None => self.with_scope(Pool::plan(), true, body),
         }
+    }
+
+    /// Captures `body` once as a CUDA graph and replays it `times` times; eager with
+    /// `KONTEXT_CUDA_GRAPH=0`, when planning, or when weights are streamed (`cuda_graph.rs`).
+    fn repeat(
+        &self,
+        times: usize,
+        body: &mut dyn FnMut() -> Result<()>,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        self.repeat_graph(times, body, after)
     }
 
     fn linear(&self, x: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {

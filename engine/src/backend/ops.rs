@@ -164,6 +164,23 @@ pub trait Backend {
         body()
     }
 
+    /// Runs `body` `times` times, then `after(i)` on the host after run `i`. `body` must be device
+    /// work only (no host reads or writes, no tensor outliving one run except those made before),
+    /// the same every run: the CUDA backend captures it once as a CUDA graph and replays it
+    /// (`KONTEXT_CUDA_GRAPH=0` runs it eagerly instead); other backends call it `times` times.
+    fn repeat(
+        &self,
+        times: usize,
+        body: &mut dyn FnMut() -> Result<()>,
+        after: &mut dyn FnMut(usize) -> Result<()>,
+    ) -> Result<()> {
+        for i in 0..times {
+            body()?;
+            after(i)?;
+        }
+        Ok(())
+    }
+
     /// `x [L, in] · Wᵀ + b → [L, out]` (GEMM, bias in the epilogue), plus the low-rank terms of
     /// any attached LoRA ([`Backend::set_lora`]).
     fn linear(&self, x: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;

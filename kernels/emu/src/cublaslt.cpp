@@ -2,7 +2,9 @@
 //
 // cublasLtMatmul computed on the host, as the cuBLASLt documentation defines it: column-major
 // layouts, D = epilogue(alpha·op(A)·op(B) + beta·C), run at once (the emulated driver is
-// synchronous, so the stream has nothing queued before it).
+// synchronous, so the stream has nothing queued before it) — or, when the stream is capturing a
+// CUDA graph, checked now and recorded as a node of the capture that runs at every replay (the
+// driver's kontext_emu_enqueue), as the real cuBLASLt supports capture with a user workspace.
 //
 // Numerics are those of a tensor-core GEMM with CUBLAS_COMPUTE_32F: the product of two bf16,
 // f16 or fp8 values is exact in f32, each output has one f32 accumulator summed over k in order,
@@ -202,6 +204,9 @@ struct Pref {
 struct Handle {
     int (*device_range)(const void*, size_t);
     void (*count_launch)(const char*);  // the driver's launch statistics (kontext_emu_launches)
+    // The driver's kontext_emu_enqueue: runs a matmul now, or records it when its stream is
+    // capturing.
+    int (*enqueue)(void* stream, const char* what, int (*run)(void*), void* ctx, void (*drop)(void*));
 };
 
 // What cudarc's bindings lay out: 8 u64 of opaque algorithm, and the heuristic's answer.
@@ -1022,9 +1027,16 @@ cublasStatus_t cublasLtCreate(Handle** out) {
         dlclose(drv);
         return CUBLAS_STATUS_NOT_INITIALIZED;
     }
+    void* enqueue = dlsym(drv, "kontext_emu_enqueue");
+    if (!enqueue) {
+        say("cublasLtCreate", "the emulated driver lacks kontext_emu_enqueue (an older driver?)");
+        dlclose(drv);
+        return CUBLAS_STATUS_NOT_INITIALIZED;
+    }
     Handle* h = new Handle;
     h->device_range = (int (*)(const void*, size_t))sym;
     h->count_launch = (void (*)(const char*))count;
+    h->enqueue = (int (*)(void*, const char*, int (*)(void*), void*, void (*)(void*)))enqueue;
     track(h, KIND_HANDLE);
     *out = h;
     return CUBLAS_STATUS_SUCCESS;
@@ -1206,13 +1218,50 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(Handle* h, MatmulDesc* desc, Layou
     return CUBLAS_STATUS_SUCCESS;
 }
 
+// A checked matmul with everything it needs at execution: the operands' addresses, the host
+// scalars' values as they were at the call (host pointer mode reads them when the matmul is
+// enqueued, as cuBLASLt does), and the device scalars' and scales' addresses (read when it
+// runs). Run at once, or at every replay of the graph its stream was capturing into.
+struct Pending {
+    Run r;
+    void (*count_launch)(const char*);
+    const void *alpha_dev, *beta_dev;  // POINTER_MODE_DEVICE: read at execution
+    float alpha_host, beta_host;
+    uint64_t scale[4];  // A, B, C, D scale pointers (0: 1)
+    uint64_t amax_d;
+    void* workspace;
+    uint64_t workspace_bytes;
+};
+
+static int execute(void* ctx) {
+    Pending& q = *static_cast<Pending*>(ctx);
+    Run r = q.r;
+    float al = q.alpha_host, be = q.beta_host;
+    if (q.alpha_dev) memcpy(&al, q.alpha_dev, 4);
+    if (q.beta_dev) memcpy(&be, q.beta_dev, 4);
+    float sv[4] = {1, 1, 1, 1};
+    for (int i = 0; i < 4; i++)
+        if (q.scale[i]) memcpy(&sv[i], (const void*)q.scale[i], 4);
+    r.alpha = r.p.fp8 ? al * sv[0] * sv[1] : al;
+    r.beta = r.p.fp8 ? be * sv[2] : be;
+    r.d_scale = sv[3];
+    if (q.workspace_bytes) memset(q.workspace, 0xFF, q.workspace_bytes);  // what split-k leaves
+    float amax = 0.0f;
+    r.amax = q.amax_d ? &amax : nullptr;
+    for (int32_t bi = 0; bi < r.p.batch; bi++) run_batch(r, bi);
+    if (q.amax_d) memcpy((void*)q.amax_d, &amax, 4);
+    q.count_launch("cublasLtMatmul");
+    return 0;
+}
+
+static void drop_pending(void* ctx) { delete static_cast<Pending*>(ctx); }
+
 cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, const void* A,
                               Layout* adesc, const void* B, Layout* bdesc, const void* beta,
                               const void* C, Layout* cdesc, void* D, Layout* ddesc,
                               const cublasLtMatmulAlgo_t* algo, void* workspace,
                               size_t workspace_bytes, void* stream) {
     static const char* FN = "cublasLtMatmul";
-    (void)stream;  // the emulated driver runs everything synchronously: nothing is queued
     if (!is_live(h, KIND_HANDLE)) {
         say(FN, "handle %p is not a live cuBLASLt handle", (void*)h);
         return CUBLAS_STATUS_NOT_INITIALIZED;
@@ -1267,8 +1316,14 @@ cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, co
         return CUBLAS_STATUS_INVALID_VALUE;
     }
     if (p.m == 0 || p.n == 0) {
-        h->count_launch("cublasLtMatmul");
-        return CUBLAS_STATUS_SUCCESS;
+        // Nothing to compute; still one matmul of the stream (and of a capture).
+        Pending* q = new Pending();
+        q->r.p = p;
+        q->r.p.batch = 0;
+        q->count_launch = h->count_launch;
+        return h->enqueue(stream, FN, execute, q, drop_pending) == 0
+                   ? CUBLAS_STATUS_SUCCESS
+                   : CUBLAS_STATUS_EXECUTION_FAILED;
     }
 
     // Scalars.
@@ -1283,6 +1338,8 @@ cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, co
     }
     memcpy(&al, alpha, 4);
     memcpy(&be, beta, 4);
+    // In device pointer mode beta is read again when the matmul runs; whether C is read (and
+    // so checked) is decided by its value now.
     const bool read_c = be != 0.0f;
 
     // fp8 scales: device f32 scalars, 1 when unset; documented as INVALID_VALUE elsewhere.
@@ -1293,7 +1350,6 @@ cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, co
                    {desc->b_scale, "B_SCALE_POINTER"},
                    {desc->c_scale, "C_SCALE_POINTER"},
                    {desc->d_scale, "D_SCALE_POINTER"}};
-    float sv[4] = {1, 1, 1, 1};
     for (int i = 0; i < 4; i++) {
         if (!scales[i].ptr) continue;
         bool allowed = p.fp8 && (i < 3 || is_fp8(ddesc->type));
@@ -1307,7 +1363,6 @@ cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, co
             say(FN, "CUBLASLT_MATMUL_DESC_%s %p is not in device memory", scales[i].name, sp);
             return CUBLAS_STATUS_INVALID_VALUE;
         }
-        memcpy(&sv[i], sp, 4);
     }
     if (desc->amax_d && !p.fp8) {
         say(FN, "CUBLASLT_MATMUL_DESC_AMAX_D_POINTER applies only to fp8 GEMMs");
@@ -1412,8 +1467,8 @@ cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, co
         }
     }
 
-    if (info.workspace) memset(workspace, 0xFF, info.workspace);  // what a split-k pass leaves
-    Run r;
+    Pending* q = new Pending();
+    Run& r = q->r;
     r.p = p;
     r.a = (const uint8_t*)A;
     r.b = (const uint8_t*)B;
@@ -1421,17 +1476,21 @@ cublasStatus_t cublasLtMatmul(Handle* h, MatmulDesc* desc, const void* alpha, co
     r.d = (uint8_t*)D;
     r.bias = p.bias ? (const uint8_t*)desc->bias : nullptr;
     r.bias_bstride = desc->bias_batch_stride;
-    r.alpha = p.fp8 ? al * sv[0] * sv[1] : al;
-    r.beta = p.fp8 ? be * sv[2] : be;
-    r.d_scale = sv[3];
     r.read_c = read_c;
-    float amax = 0.0f;
-    r.amax = desc->amax_d ? &amax : nullptr;
     r.threads = thread_count();
-    for (int32_t bi = 0; bi < p.batch; bi++) run_batch(r, bi);
-    if (desc->amax_d) memcpy((void*)desc->amax_d, &amax, 4);
-    h->count_launch("cublasLtMatmul");
-    return CUBLAS_STATUS_SUCCESS;
+    q->count_launch = h->count_launch;
+    const bool dev_scalars = p.pointer_mode == POINTER_MODE_DEVICE;
+    q->alpha_dev = dev_scalars ? alpha : nullptr;
+    q->beta_dev = dev_scalars ? beta : nullptr;
+    q->alpha_host = al;
+    q->beta_host = be;
+    for (int i = 0; i < 4; i++) q->scale[i] = scales[i].ptr;
+    q->amax_d = desc->amax_d;
+    q->workspace = workspace;
+    q->workspace_bytes = info.workspace;
+    // The descriptors may change or go after this call: everything the matmul needs is in `q`.
+    return h->enqueue(stream, FN, execute, q, drop_pending) == 0 ? CUBLAS_STATUS_SUCCESS
+                                                                 : CUBLAS_STATUS_EXECUTION_FAILED;
 }
 
 }  // extern "C"

@@ -13,6 +13,14 @@
 // KONTEXT_EMU_THREADS worker threads. KONTEXT_EMU_ORDER=forward|reverse|shuffle:SEED orders
 // blocks and threads; KONTEXT_EMU_RACECHECK=1 runs every launch in two orders and fails when the
 // results differ.
+//
+// Stream capture: a stream between cuStreamBeginCapture_v2 and cuStreamEndCapture records its
+// work instead of running it — kernel launches (the parameter values copied at the call, as the
+// real driver copies them into the node), async copies and memsets, host functions, and the
+// stand-in cuBLASLt's matmuls (kontext_emu_enqueue) — into a graph that cuGraphLaunch replays in
+// order. What the real driver refuses during a capture is refused here with its error code, and
+// the capture is invalidated so that cuStreamEndCapture fails too (see "stream capture" below):
+// the emulator is a detector for a captured step that synchronises, allocates or reads back.
 #include <dlfcn.h>
 #include <elf.h>
 #include <link.h>
@@ -23,11 +31,16 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <set>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "emu.h"
 
@@ -112,13 +125,72 @@ std::atomic<int> sticky{CUDA_SUCCESS};
 std::mutex err_mu;
 std::string last_error;  // the last failure's message, for kontext_emu_last_error
 
+struct Graph;
+
 struct Stream {
     int id;
+    // Stream capture: the graph being recorded (null when the stream is not capturing), how it
+    // began, and whether a refused call invalidated it (then `why` says which).
+    Graph* capture = nullptr;
+    int capture_mode = 0;  // CU_STREAM_CAPTURE_MODE_GLOBAL 0, THREAD_LOCAL 1, RELAXED 2
+    std::thread::id capture_thread;
+    unsigned long long capture_id = 0;
+    bool invalidated = false;
+    std::string why;
 };
 struct Event {
     std::chrono::steady_clock::time_point t;
     bool recorded = false;
+    // The capture sequence the event was last recorded in (0: recorded outside any capture).
+    unsigned long long captured_in = 0;
 };
+
+// One recorded operation of a graph, replayed by cuGraphLaunch.
+struct Node {
+    enum Kind { KERNEL, COPY, SET, HOST, ENQUEUED } kind;
+    std::string what;  // the call that recorded it, for errors at replay
+    // KERNEL: the function, its configuration and a copy of every parameter's value.
+    Function* fn = nullptr;
+    EmuDim3 grid{}, block{};
+    size_t smem = 0;
+    std::vector<unsigned char> param_data;
+    std::vector<size_t> param_offsets;
+    // COPY: bytes from src to dst (device, or page-locked host memory read at replay).
+    void* dst = nullptr;
+    const void* src = nullptr;
+    size_t bytes = 0;
+    // SET: `height` rows of `width` elements of `elem` bytes at `pitch`, to `value`.
+    unsigned int value = 0;
+    int elem = 1;
+    size_t pitch = 0, width = 0, height = 0;
+    // HOST (cuLaunchHostFunc) and ENQUEUED (kontext_emu_enqueue: a cuBLASLt matmul).
+    void (*host_fn)(void*) = nullptr;
+    int (*run)(void*) = nullptr;
+    void* ctx = nullptr;
+    void (*drop)(void*) = nullptr;
+    ~Node() {
+        if (drop) drop(ctx);
+    }
+};
+
+struct Graph {
+    std::vector<std::shared_ptr<Node>> nodes;
+};
+struct Exec {
+    std::vector<std::shared_ptr<Node>> nodes;
+};
+
+// The captures in progress, and the live graphs and executable graphs (handles are checked).
+std::mutex capture_mu;
+std::vector<Stream*> capturing;
+std::set<Graph*> live_graphs;
+std::set<Exec*> live_execs;
+std::atomic<unsigned long long> next_capture_id{1};
+
+// Page-locked host ranges (cuMemHostAlloc, cuMemHostRegister): what a captured copy may read or
+// write on the host.
+std::mutex pinned_mu;
+std::map<uintptr_t, size_t> pinned;
 
 std::mutex stats_mu;
 std::map<std::string, uint64_t> launches;  // per kernel name
@@ -147,6 +219,102 @@ bool is_sticky(int code) {
         if (int s = sticky.load()) return s;                        \
         if (!current_ctx) return CUDA_ERROR_INVALID_CONTEXT;        \
     } while (0)
+
+// ---- stream capture: the refusals -----------------------------------------------------------
+//
+// The CUDA driver's rules for a capture in progress ("Stream Capture" in the programming guide,
+// cuStreamBeginCapture and cuThreadExchangeStreamCaptureMode in the driver API), as emulated:
+// - the capturing stream's own synchronisation (cuStreamSynchronize, cuStreamQuery) and a query
+//   or wait of an event recorded in the capture: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED /
+//   CUDA_ERROR_CAPTURED_EVENT;
+// - "potentially unsafe" calls (cuCtxSynchronize, cuMemAlloc, cuMemFree, cuMemHostAlloc, the
+//   synchronous copies and memsets) while a GLOBAL-mode capture runs anywhere, or a
+//   THREAD_LOCAL one on the calling thread: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+// - a copy between device and pageable host memory on the capturing stream (a graph's memcpy
+//   node reads or writes host memory at replay, by DMA: only page-locked memory can be used):
+//   CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+// - the capturing stream waiting on an event recorded outside the capture (a dependency across
+//   the capture's boundary): CUDA_ERROR_STREAM_CAPTURE_ISOLATION; another stream waiting on an
+//   event of the capture would join it (cross-stream capture), which is not emulated: refused
+//   with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED.
+// Each refusal invalidates the capture: later work on the stream fails with
+// CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, and so does cuStreamEndCapture, which returns no graph.
+// The last error message names the refused call and the capture.
+
+// The capture `s` records into, or null. Captures are begun and ended on their own thread (or
+// RELAXED), and the emulator runs everything on the caller's thread, so reading `capture`
+// unlocked races only with a misuse the real driver would not define either.
+Stream* recording(CUstream s) {
+    if (!s) return nullptr;
+    Stream* st = static_cast<Stream*>(s);
+    return st->capture ? st : nullptr;
+}
+
+std::string capture_name(const Stream* st) {
+    return "the capture of stream " + std::to_string(st->id) + " (sequence " +
+           std::to_string(st->capture_id) + ")";
+}
+
+void invalidate(Stream* st, const std::string& why) {
+    if (st->invalidated) return;
+    st->invalidated = true;
+    st->why = why;
+}
+
+// Refuses `op` on the capturing stream `st` with `code` and invalidates the capture.
+CUresult refuse(Stream* st, CUresult code, const std::string& op, const std::string& rule) {
+    const std::string msg = op + " during " + capture_name(st) + ": " + rule +
+                            "; the capture is invalidated";
+    invalidate(st, msg);
+    return fail(code, msg);
+}
+
+// An operation on a capturing stream whose capture was already invalidated.
+CUresult invalidated(Stream* st, const std::string& op) {
+    return fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                op + ": " + capture_name(st) + " was invalidated earlier (" + st->why + ")");
+}
+
+// A potentially unsafe call (allocation, synchronous copy, context synchronisation): refused
+// while a capture forbids it to this thread.
+CUresult unsafe_call(const char* op) {
+    std::lock_guard<std::mutex> g(capture_mu);
+    const std::thread::id me = std::this_thread::get_id();
+    Stream* hit = nullptr;
+    for (Stream* st : capturing) {
+        const bool forbids = st->capture_mode == 0 || (st->capture_mode == 1 && st->capture_thread == me);
+        if (forbids && !hit) hit = st;
+    }
+    if (!hit) return CUDA_SUCCESS;
+    return refuse(hit, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, op,
+                  "a potentially unsafe call (it allocates, frees or synchronises) is not "
+                  "permitted while a stream is capturing in global mode");
+}
+
+// The capture `e` was recorded in, if it is still in progress.
+Stream* capture_of_event(const Event* e) {
+    if (!e->captured_in) return nullptr;
+    std::lock_guard<std::mutex> g(capture_mu);
+    for (Stream* st : capturing)
+        if (st->capture_id == e->captured_in) return st;
+    return nullptr;
+}
+
+bool is_pinned(const void* p, size_t bytes) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    std::lock_guard<std::mutex> g(pinned_mu);
+    auto it = pinned.upper_bound(a);
+    if (it == pinned.begin()) return false;
+    --it;
+    return a >= it->first && a + bytes <= it->first + it->second;
+}
+
+// Appends `n` to the capture of `st` (refusing when it was invalidated before).
+CUresult record(Stream* st, std::shared_ptr<Node> n) {
+    if (st->invalidated) return invalidated(st, n->what);
+    st->capture->nodes.push_back(std::move(n));
+    return CUDA_SUCCESS;
+}
 
 int opt_in_smem() {
     const Settings& s = settings();
@@ -354,6 +522,14 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
 
 API CUresult cuCtxSynchronize() {
     NEED_CONTEXT();
+    {
+        // Waiting for a capture's work would wait forever on a GPU: refused in every mode.
+        std::lock_guard<std::mutex> g(capture_mu);
+        if (!capturing.empty())
+            return refuse(capturing.front(), CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                          "cuCtxSynchronize", "the context cannot be synchronised while a stream "
+                          "of it is capturing");
+    }
     return CUDA_SUCCESS;
 }
 
@@ -377,7 +553,9 @@ API CUresult cuStreamCreate(CUstream* s, unsigned int) {
     NEED_CONTEXT();
     if (!s) return CUDA_ERROR_INVALID_VALUE;
     static std::atomic<int> next{1};
-    *s = new Stream{next++};
+    Stream* st = new Stream();
+    st->id = next++;
+    *s = st;
     return CUDA_SUCCESS;
 }
 API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int f, int) {
@@ -385,30 +563,63 @@ API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned int f, int) {
 }
 API CUresult cuStreamDestroy_v2(CUstream s) {
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
-    delete static_cast<Stream*>(s);
+    Stream* st = static_cast<Stream*>(s);
+    if (st->capture) {
+        // The capture ends with its stream; its graph is never returned.
+        std::lock_guard<std::mutex> g(capture_mu);
+        capturing.erase(std::find(capturing.begin(), capturing.end(), st));
+        delete st->capture;
+    }
+    delete st;
     return CUDA_SUCCESS;
 }
-API CUresult cuStreamSynchronize(CUstream) {
+API CUresult cuStreamSynchronize(CUstream s) {
     NEED_CONTEXT();
+    if (Stream* st = recording(s))
+        return refuse(st, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamSynchronize",
+                      "the capturing stream cannot be synchronised (its work is recorded, not "
+                      "run)");
     return CUDA_SUCCESS;
 }
-API CUresult cuStreamQuery(CUstream) {
+API CUresult cuStreamQuery(CUstream s) {
     NEED_CONTEXT();
+    if (Stream* st = recording(s))
+        return refuse(st, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamQuery",
+                      "the capturing stream cannot be queried");
     return CUDA_SUCCESS;
 }
-API CUresult cuStreamWaitEvent(CUstream, CUevent e, unsigned int) {
+API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned int flags) {
     NEED_CONTEXT();
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    Event* ev = static_cast<Event*>(e);
+    if (Stream* st = recording(s)) {
+        if (st->invalidated) return invalidated(st, "cuStreamWaitEvent");
+        if (flags & 1)  // CU_EVENT_WAIT_EXTERNAL: an external wait node
+            return refuse(st, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamWaitEvent",
+                          "external event wait nodes (CU_EVENT_WAIT_EXTERNAL) are not emulated");
+        // In-stream order: work recorded before the event is already before what follows.
+        if (ev->captured_in == st->capture_id) return CUDA_SUCCESS;
+        return refuse(st, CUDA_ERROR_STREAM_CAPTURE_ISOLATION, "cuStreamWaitEvent",
+                      "the event was not recorded in this capture, and only in-stream order may "
+                      "cross the capture's boundary");
+    }
+    if (Stream* owner = capture_of_event(ev))
+        return refuse(owner, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamWaitEvent",
+                      "another stream waiting on an event of the capture would join it "
+                      "(cross-stream capture), which the emulated driver does not record");
     return CUDA_SUCCESS;
 }
-API CUresult cuStreamIsCapturing(CUstream, int* status) {
-    NEED_CONTEXT();
-    if (status) *status = 0;
-    return CUDA_SUCCESS;
-}
-API CUresult cuLaunchHostFunc(CUstream, void (*fn)(void*), void* data) {
+API CUresult cuLaunchHostFunc(CUstream s, void (*fn)(void*), void* data) {
     NEED_CONTEXT();
     if (!fn) return CUDA_ERROR_INVALID_VALUE;
+    if (Stream* st = recording(s)) {
+        auto n = std::make_shared<Node>();
+        n->kind = Node::HOST;
+        n->what = "cuLaunchHostFunc";
+        n->host_fn = fn;
+        n->ctx = data;
+        return record(st, n);
+    }
     fn(data);
     return CUDA_SUCCESS;
 }
@@ -424,22 +635,37 @@ API CUresult cuEventDestroy_v2(CUevent e) {
     delete static_cast<Event*>(e);
     return CUDA_SUCCESS;
 }
-API CUresult cuEventRecord(CUevent e, CUstream) {
+API CUresult cuEventRecord(CUevent e, CUstream s) {
     NEED_CONTEXT();
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
     Event* ev = static_cast<Event*>(e);
+    if (Stream* st = recording(s)) {
+        // In a capture an event marks a point of the graph (for waits of the same capture); it
+        // holds no time and nothing is recorded.
+        if (st->invalidated) return invalidated(st, "cuEventRecord");
+        ev->captured_in = st->capture_id;
+        ev->recorded = false;
+        return CUDA_SUCCESS;
+    }
     ev->t = std::chrono::steady_clock::now();
     ev->recorded = true;
+    ev->captured_in = 0;
     return CUDA_SUCCESS;
 }
 API CUresult cuEventSynchronize(CUevent e) {
     NEED_CONTEXT();
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    if (Stream* st = capture_of_event(static_cast<Event*>(e)))
+        return refuse(st, CUDA_ERROR_CAPTURED_EVENT, "cuEventSynchronize",
+                      "the event was recorded in the capture (its work has not run)");
     return CUDA_SUCCESS;
 }
 API CUresult cuEventQuery(CUevent e) {
     NEED_CONTEXT();
     if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    if (Stream* st = capture_of_event(static_cast<Event*>(e)))
+        return refuse(st, CUDA_ERROR_CAPTURED_EVENT, "cuEventQuery",
+                      "the event was recorded in the capture (its work has not run)");
     return CUDA_SUCCESS;
 }
 API CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
@@ -460,6 +686,7 @@ API CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) {
 API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     NEED_CONTEXT();
     if (!p) return CUDA_ERROR_INVALID_VALUE;
+    if (CUresult r = unsafe_call("cuMemAlloc")) return r;
     uintptr_t a = 0;
     const int r = mem_alloc(bytes, &a);
     if (r != CUDA_SUCCESS) return r;
@@ -472,6 +699,7 @@ API CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
 API CUresult cuMemFree_v2(CUdeviceptr p) {
     if (!initialised) return CUDA_ERROR_NOT_INITIALIZED;
     if (p == 0) return CUDA_SUCCESS;
+    if (CUresult r = unsafe_call("cuMemFree")) return r;
     if (mem_free((uintptr_t)p) != CUDA_SUCCESS)
         return fail(CUDA_ERROR_INVALID_VALUE,
                     "cuMemFree of 0x" + std::to_string(p) + ", which is not a live allocation");
@@ -490,19 +718,35 @@ API CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
 API CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned int) {
     NEED_CONTEXT();
     if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (CUresult r = unsafe_call("cuMemHostAlloc")) return r;
     *p = malloc(bytes);
-    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+    if (!*p) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(pinned_mu);
+    pinned[reinterpret_cast<uintptr_t>(*p)] = bytes;
+    return CUDA_SUCCESS;
 }
 API CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 API CUresult cuMemFreeHost(void* p) {
+    if (CUresult r = unsafe_call("cuMemFreeHost")) return r;
+    {
+        std::lock_guard<std::mutex> g(pinned_mu);
+        pinned.erase(reinterpret_cast<uintptr_t>(p));
+    }
     free(p);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemHostRegister_v2(void*, size_t, unsigned int) {
+API CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned int) {
     NEED_CONTEXT();
+    if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    std::lock_guard<std::mutex> g(pinned_mu);
+    pinned[reinterpret_cast<uintptr_t>(p)] = bytes;
     return CUDA_SUCCESS;
 }
-API CUresult cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
+API CUresult cuMemHostUnregister(void* p) {
+    std::lock_guard<std::mutex> g(pinned_mu);
+    pinned.erase(reinterpret_cast<uintptr_t>(p));
+    return CUDA_SUCCESS;
+}
 
 namespace {
 
@@ -517,67 +761,166 @@ CUresult check_range(const char* op, CUdeviceptr p, size_t bytes) {
 
 }  // namespace
 
+namespace {
+
+// Records a copy on the capturing stream `st` (`host` is the host side of an HtoD or DtoH copy,
+// null for DtoD), or refuses it.
+CUresult record_copy(Stream* st, const char* op, void* dst, const void* src, size_t bytes,
+                     const void* host) {
+    if (st->invalidated) return invalidated(st, op);
+    if (host && bytes && !is_pinned(host, bytes))
+        return refuse(st, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, op,
+                      "the host memory is pageable; a captured copy reads or writes it at "
+                      "replay, which only page-locked memory (cuMemHostAlloc, cuMemHostRegister) "
+                      "allows");
+    auto n = std::make_shared<Node>();
+    n->kind = Node::COPY;
+    n->what = op;
+    n->dst = dst;
+    n->src = src;
+    n->bytes = bytes;
+    return record(st, n);
+}
+
+std::shared_ptr<Node> set_node(const char* op, CUdeviceptr dst, unsigned int v, int elem,
+                               size_t pitch, size_t width, size_t height) {
+    auto n = std::make_shared<Node>();
+    n->kind = Node::SET;
+    n->what = op;
+    n->dst = reinterpret_cast<void*>(dst);
+    n->value = v;
+    n->elem = elem;
+    n->pitch = pitch;
+    n->width = width;
+    n->height = height;
+    return n;
+}
+
+}  // namespace
+
 API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) {
     NEED_CONTEXT();
+    if (CUresult r = unsafe_call("cuMemcpyHtoD (synchronous)")) return r;
     if (CUresult r = check_range("cuMemcpyHtoD", dst, bytes)) return r;
     if (bytes && !src) return CUDA_ERROR_INVALID_VALUE;
     memcpy(reinterpret_cast<void*>(dst), src, bytes);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream) {
-    return cuMemcpyHtoD_v2(dst, src, bytes);
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream s) {
+    NEED_CONTEXT();
+    if (Stream* st = recording(s)) {
+        if (CUresult r = check_range("cuMemcpyHtoDAsync", dst, bytes)) return r;
+        if (bytes && !src) return CUDA_ERROR_INVALID_VALUE;
+        return record_copy(st, "cuMemcpyHtoDAsync", reinterpret_cast<void*>(dst), src, bytes, src);
+    }
+    if (CUresult r = check_range("cuMemcpyHtoDAsync", dst, bytes)) return r;
+    if (bytes && !src) return CUDA_ERROR_INVALID_VALUE;
+    memcpy(reinterpret_cast<void*>(dst), src, bytes);
+    return CUDA_SUCCESS;
 }
 API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) {
     NEED_CONTEXT();
+    if (CUresult r = unsafe_call("cuMemcpyDtoH (synchronous)")) return r;
     if (CUresult r = check_range("cuMemcpyDtoH", src, bytes)) return r;
     if (bytes && !dst) return CUDA_ERROR_INVALID_VALUE;
     memcpy(dst, reinterpret_cast<const void*>(src), bytes);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream) {
-    return cuMemcpyDtoH_v2(dst, src, bytes);
+API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
+    NEED_CONTEXT();
+    if (CUresult r = check_range("cuMemcpyDtoHAsync", src, bytes)) return r;
+    if (bytes && !dst) return CUDA_ERROR_INVALID_VALUE;
+    if (Stream* st = recording(s))
+        return record_copy(st, "cuMemcpyDtoHAsync", dst, reinterpret_cast<const void*>(src), bytes,
+                           dst);
+    memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+    return CUDA_SUCCESS;
 }
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) {
     NEED_CONTEXT();
+    if (CUresult r = unsafe_call("cuMemcpyDtoD (synchronous)")) return r;
     if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, bytes)) return r;
     if (CUresult r = check_range("cuMemcpyDtoD (source)", src, bytes)) return r;
     memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream) {
-    return cuMemcpyDtoD_v2(dst, src, bytes);
-}
-API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream s) {
     NEED_CONTEXT();
-    if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
-    memset(reinterpret_cast<void*>(dst), v, n);
+    if (CUresult r = check_range("cuMemcpyDtoDAsync (destination)", dst, bytes)) return r;
+    if (CUresult r = check_range("cuMemcpyDtoDAsync (source)", src, bytes)) return r;
+    if (Stream* st = recording(s))
+        return record_copy(st, "cuMemcpyDtoDAsync", reinterpret_cast<void*>(dst),
+                           reinterpret_cast<const void*>(src), bytes, nullptr);
+    memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), bytes);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream) {
-    return cuMemsetD8_v2(dst, v, n);
+
+namespace {
+
+CUresult memset_now(const char* op, CUdeviceptr dst, unsigned int v, int elem, size_t pitch,
+                    size_t width, size_t height) {
+    if (height == 0 || width == 0) return CUDA_SUCCESS;
+    if (dst % (size_t)elem) return CUDA_ERROR_INVALID_VALUE;
+    const size_t row = width * (size_t)elem;
+    if (pitch < row && height > 1) return CUDA_ERROR_INVALID_VALUE;
+    if (CUresult r = check_range(op, dst, pitch * (height - 1) + row)) return r;
+    for (size_t r = 0; r < height; ++r) {
+        unsigned char* p = reinterpret_cast<unsigned char*>(dst + r * pitch);
+        if (elem == 1) {
+            memset(p, (int)(v & 0xFF), width);
+        } else {
+            unsigned int* q = reinterpret_cast<unsigned int*>(p);
+            for (size_t i = 0; i < width; ++i) q[i] = v;
+        }
+    }
+    return CUDA_SUCCESS;
+}
+
+// A memset on stream `s`: recorded when it captures (checked now, as the real driver checks a
+// node's range when it adds it), else run.
+CUresult memset_on(CUstream s, const char* op, CUdeviceptr dst, unsigned int v, int elem,
+                   size_t pitch, size_t width, size_t height) {
+    if (Stream* st = recording(s)) {
+        if (height && width) {
+            if (dst % (size_t)elem) return CUDA_ERROR_INVALID_VALUE;
+            const size_t row = width * (size_t)elem;
+            if (pitch < row && height > 1) return CUDA_ERROR_INVALID_VALUE;
+            if (CUresult r = check_range(op, dst, pitch * (height - 1) + row)) return r;
+        }
+        return record(st, set_node(op, dst, v, elem, pitch, width, height));
+    }
+    return memset_now(op, dst, v, elem, pitch, width, height);
+}
+
+}  // namespace
+
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    NEED_CONTEXT();
+    if (CUresult r = unsafe_call("cuMemsetD8 (synchronous)")) return r;
+    return memset_now("cuMemsetD8", dst, v, 1, n, n, 1);
+}
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
+    NEED_CONTEXT();
+    return memset_on(s, "cuMemsetD8Async", dst, v, 1, n, n, 1);
 }
 API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned int v, size_t n) {
     NEED_CONTEXT();
-    if (dst % 4) return CUDA_ERROR_INVALID_VALUE;
-    if (CUresult r = check_range("cuMemsetD32", dst, n * 4)) return r;
-    unsigned int* p = reinterpret_cast<unsigned int*>(dst);
-    for (size_t i = 0; i < n; ++i) p[i] = v;
-    return CUDA_SUCCESS;
+    if (CUresult r = unsafe_call("cuMemsetD32 (synchronous)")) return r;
+    return memset_now("cuMemsetD32", dst, v, 4, n * 4, n, 1);
 }
-API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int v, size_t n, CUstream) {
-    return cuMemsetD32_v2(dst, v, n);
+API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned int v, size_t n, CUstream s) {
+    NEED_CONTEXT();
+    return memset_on(s, "cuMemsetD32Async", dst, v, 4, n * 4, n, 1);
 }
 API CUresult cuMemsetD2D8_v2(CUdeviceptr dst, size_t pitch, unsigned char v, size_t w, size_t h) {
     NEED_CONTEXT();
-    if (h == 0 || w == 0) return CUDA_SUCCESS;
-    if (pitch < w && h > 1) return CUDA_ERROR_INVALID_VALUE;
-    if (CUresult r = check_range("cuMemsetD2D8", dst, pitch * (h - 1) + w)) return r;
-    for (size_t r = 0; r < h; ++r) memset(reinterpret_cast<void*>(dst + r * pitch), v, w);
-    return CUDA_SUCCESS;
+    if (CUresult r = unsafe_call("cuMemsetD2D8 (synchronous)")) return r;
+    return memset_now("cuMemsetD2D8", dst, v, 1, pitch, w, h);
 }
 API CUresult cuMemsetD2D8Async(CUdeviceptr dst, size_t pitch, unsigned char v, size_t w, size_t h,
-                               CUstream) {
-    return cuMemsetD2D8_v2(dst, pitch, v, w, h);
+                               CUstream s) {
+    NEED_CONTEXT();
+    return memset_on(s, "cuMemsetD2D8Async", dst, v, 1, pitch, w, h);
 }
 
 // ---- modules and functions ---------------------------------------------------------------------
@@ -716,7 +1059,8 @@ API CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, CUfunction f, i
 
 namespace {
 
-CUresult launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void** params) {
+// Checks a launch's configuration against the device's and the kernel's limits.
+CUresult check_launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem) {
     const std::string cfg = std::string(fn->kernel->name) + " <<<" + dims(grid) + ", " +
                             dims(block) + ", " + std::to_string(smem) + ">>>";
     const uint64_t threads = (uint64_t)block.x * block.y * block.z;
@@ -742,6 +1086,13 @@ CUresult launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void** p
                     std::to_string(fn->max_dynamic_smem) +
                     " dynamic without cuFuncSetAttribute, the device " +
                     std::to_string(opt_in_smem()) + " in all)");
+    return CUDA_SUCCESS;
+}
+
+// Runs a checked launch now (counted as an execution of the kernel).
+CUresult run_launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void** params) {
+    const std::string cfg = std::string(fn->kernel->name) + " <<<" + dims(grid) + ", " +
+                            dims(block) + ", " + std::to_string(smem) + ">>>";
     {
         std::lock_guard<std::mutex> g(stats_mu);
         launches[fn->kernel->name]++;
@@ -806,12 +1157,261 @@ CUresult launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void** p
 
 API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsigned int gz,
                             unsigned int bx, unsigned int by, unsigned int bz, unsigned int smem,
-                            CUstream, void** params, void** extra) {
+                            CUstream s, void** params, void** extra) {
     NEED_CONTEXT();
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel: `extra` is not supported");
     Function* fn = static_cast<Function*>(f);
-    return launch(fn, EmuDim3{gx, gy, gz}, EmuDim3{bx, by, bz}, smem, params);
+    const EmuDim3 grid{gx, gy, gz}, block{bx, by, bz};
+    if (CUresult r = check_launch(fn, grid, block, smem)) return r;
+    Stream* st = recording(s);
+    if (!st) return run_launch(fn, grid, block, smem, params);
+    // A kernel node keeps the parameters' values as they are now: the caller may reuse or free
+    // its argument storage as soon as cuLaunchKernel returns, captured or not.
+    auto n = std::make_shared<Node>();
+    n->kind = Node::KERNEL;
+    n->what = std::string("cuLaunchKernel of ") + fn->kernel->name;
+    n->fn = fn;
+    n->grid = grid;
+    n->block = block;
+    n->smem = smem;
+    const int count = fn->kernel->param_count;
+    if (count && !params)
+        return fail(CUDA_ERROR_INVALID_VALUE, n->what + ": no parameter array for " +
+                                                  std::to_string(count) + " parameters");
+    for (int i = 0; i < count; ++i) {
+        const size_t size = fn->kernel->param_sizes[i];
+        // Each value at an offset aligned for any parameter type (at most 16-byte vectors).
+        const size_t at = (n->param_data.size() + 15) / 16 * 16;
+        n->param_data.resize(at + size);
+        memcpy(n->param_data.data() + at, params[i], size);
+        n->param_offsets.push_back(at);
+    }
+    return record(st, n);
+}
+
+// ---- stream capture and graphs ------------------------------------------------------------------
+
+typedef void* CUgraph;
+typedef void* CUgraphExec;
+typedef void* CUgraphNode;
+
+API CUresult cuStreamBeginCapture_v2(CUstream s, int mode) {
+    NEED_CONTEXT();
+    if (!s)
+        return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED,
+                    "cuStreamBeginCapture: the legacy NULL stream cannot be captured");
+    if (mode < 0 || mode > 2) return CUDA_ERROR_INVALID_VALUE;
+    Stream* st = static_cast<Stream*>(s);
+    if (st->capture)
+        return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture: stream " +
+                                                  std::to_string(st->id) + " is already capturing");
+    std::lock_guard<std::mutex> g(capture_mu);
+    st->capture = new Graph();
+    st->capture_mode = mode;
+    st->capture_thread = std::this_thread::get_id();
+    st->capture_id = next_capture_id++;
+    st->invalidated = false;
+    st->why.clear();
+    capturing.push_back(st);
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamBeginCapture(CUstream s, int mode) { return cuStreamBeginCapture_v2(s, mode); }
+
+API CUresult cuStreamEndCapture(CUstream s, CUgraph* out) {
+    NEED_CONTEXT();
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    *out = nullptr;
+    Stream* st = recording(s);
+    if (!st)
+        return fail(CUDA_ERROR_STREAM_CAPTURE_UNMATCHED,
+                    "cuStreamEndCapture: the stream is not capturing");
+    if (st->capture_mode != 2 && st->capture_thread != std::this_thread::get_id())
+        return fail(CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD,
+                    "cuStreamEndCapture: " + capture_name(st) +
+                        " was begun on another thread and not in relaxed mode");
+    Graph* graph = st->capture;
+    {
+        std::lock_guard<std::mutex> g(capture_mu);
+        capturing.erase(std::find(capturing.begin(), capturing.end(), st));
+        st->capture = nullptr;
+        if (!st->invalidated) live_graphs.insert(graph);
+    }
+    if (st->invalidated) {
+        delete graph;
+        return fail(CUDA_ERROR_STREAM_CAPTURE_INVALIDATED,
+                    "cuStreamEndCapture: " + capture_name(st) + " was invalidated (" + st->why +
+                        "); no graph");
+    }
+    *out = graph;
+    return CUDA_SUCCESS;
+}
+
+namespace {
+
+CUresult capture_info(CUstream s, int* status, unsigned long long* id) {
+    NEED_CONTEXT();
+    Stream* st = recording(s);
+    if (status) *status = !st ? 0 : st->invalidated ? 2 : 1;  // NONE, ACTIVE, INVALIDATED
+    if (id && st) *id = st->capture_id;
+    return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+API CUresult cuStreamIsCapturing(CUstream s, int* status) {
+    if (!status) return CUDA_ERROR_INVALID_VALUE;
+    return capture_info(s, status, nullptr);
+}
+API CUresult cuStreamGetCaptureInfo(CUstream s, int* status, unsigned long long* id) {
+    return capture_info(s, status, id);
+}
+API CUresult cuStreamGetCaptureInfo_v2(CUstream s, int* status, unsigned long long* id,
+                                       CUgraph* graph, const CUgraphNode** deps, size_t* ndeps) {
+    if (CUresult r = capture_info(s, status, id)) return r;
+    Stream* st = recording(s);
+    if (graph) *graph = st ? st->capture : nullptr;
+    // One stream, nodes in order: the next node depends on the last one recorded.
+    static thread_local CUgraphNode last;
+    last = st && !st->capture->nodes.empty() ? st->capture->nodes.back().get() : nullptr;
+    if (deps) *deps = last ? &last : nullptr;
+    if (ndeps) *ndeps = last ? 1 : 0;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphDestroy(CUgraph g) {
+    Graph* graph = static_cast<Graph*>(g);
+    {
+        std::lock_guard<std::mutex> lk(capture_mu);
+        if (!live_graphs.erase(graph)) return CUDA_ERROR_INVALID_VALUE;
+    }
+    delete graph;  // nodes an executable graph still holds live on in it
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphGetNodes(CUgraph g, CUgraphNode* nodes, size_t* count) {
+    if (!count) return CUDA_ERROR_INVALID_VALUE;
+    Graph* graph = static_cast<Graph*>(g);
+    std::lock_guard<std::mutex> lk(capture_mu);
+    if (!live_graphs.count(graph)) return CUDA_ERROR_INVALID_VALUE;
+    const size_t n = graph->nodes.size();
+    if (nodes) {
+        for (size_t i = 0; i < *count; ++i) nodes[i] = i < n ? graph->nodes[i].get() : nullptr;
+    }
+    *count = n;
+    return CUDA_SUCCESS;
+}
+
+// CU_GRAPH_NODE_TYPE_KERNEL 0, MEMCPY 1, MEMSET 2, HOST 3: a cuBLASLt matmul is kernels on a
+// GPU, so it reports KERNEL.
+API CUresult cuGraphNodeGetType(CUgraphNode node, int* type) {
+    if (!node || !type) return CUDA_ERROR_INVALID_VALUE;
+    switch (static_cast<Node*>(node)->kind) {
+        case Node::KERNEL: case Node::ENQUEUED: *type = 0; break;
+        case Node::COPY: *type = 1; break;
+        case Node::SET: *type = 2; break;
+        case Node::HOST: *type = 3; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphInstantiateWithFlags(CUgraphExec* out, CUgraph g, unsigned long long) {
+    NEED_CONTEXT();
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    Graph* graph = static_cast<Graph*>(g);
+    std::lock_guard<std::mutex> lk(capture_mu);
+    if (!live_graphs.count(graph)) return CUDA_ERROR_INVALID_VALUE;
+    Exec* e = new Exec{graph->nodes};
+    live_execs.insert(e);
+    *out = e;
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphInstantiate_v2(CUgraphExec* out, CUgraph g, CUgraphNode*, char*, size_t) {
+    return cuGraphInstantiateWithFlags(out, g, 0);
+}
+
+API CUresult cuGraphExecDestroy(CUgraphExec x) {
+    Exec* e = static_cast<Exec*>(x);
+    {
+        std::lock_guard<std::mutex> lk(capture_mu);
+        if (!live_execs.erase(e)) return CUDA_ERROR_INVALID_VALUE;
+    }
+    delete e;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuGraphUpload(CUgraphExec x, CUstream) {
+    NEED_CONTEXT();
+    std::lock_guard<std::mutex> lk(capture_mu);
+    return live_execs.count(static_cast<Exec*>(x)) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE;
+}
+
+namespace {
+
+// Runs one recorded node. Memory freed since the capture is an illegal address, as on a GPU.
+CUresult replay(const Node& n) {
+    switch (n.kind) {
+        case Node::KERNEL: {
+            std::vector<void*> params;
+            for (size_t at : n.param_offsets)
+                params.push_back(const_cast<unsigned char*>(n.param_data.data()) + at);
+            return run_launch(n.fn, n.grid, n.block, n.smem, params.data());
+        }
+        case Node::COPY: {
+            const bool dst_dev = mem_find((uintptr_t)n.dst, n.bytes, nullptr);
+            const bool src_dev = mem_find((uintptr_t)n.src, n.bytes, nullptr);
+            if (n.bytes && ((!dst_dev && !is_pinned(n.dst, n.bytes)) ||
+                            (!src_dev && !is_pinned(n.src, n.bytes)))) {
+                sticky.store(CUDA_ERROR_ILLEGAL_ADDRESS);
+                return fail(CUDA_ERROR_ILLEGAL_ADDRESS,
+                            "graph replay of " + n.what + ": a buffer of the copy was freed "
+                            "after the capture");
+            }
+            memmove(n.dst, n.src, n.bytes);
+            return CUDA_SUCCESS;
+        }
+        case Node::SET: {
+            const CUresult r = memset_now(n.what.c_str(), (CUdeviceptr)n.dst, n.value, n.elem,
+                                          n.pitch, n.width, n.height);
+            if (r != CUDA_SUCCESS) {
+                sticky.store(CUDA_ERROR_ILLEGAL_ADDRESS);
+                return fail(CUDA_ERROR_ILLEGAL_ADDRESS,
+                            "graph replay of " + n.what + ": the memory was freed after the "
+                            "capture");
+            }
+            return CUDA_SUCCESS;
+        }
+        case Node::HOST:
+            n.host_fn(n.ctx);
+            return CUDA_SUCCESS;
+        case Node::ENQUEUED:
+            if (n.run(n.ctx) != 0) {
+                sticky.store(CUDA_ERROR_LAUNCH_FAILED);
+                return fail(CUDA_ERROR_LAUNCH_FAILED, "graph replay of " + n.what + " failed");
+            }
+            return CUDA_SUCCESS;
+    }
+    return CUDA_ERROR_UNKNOWN;
+}
+
+}  // namespace
+
+API CUresult cuGraphLaunch(CUgraphExec x, CUstream s) {
+    NEED_CONTEXT();
+    Exec* e = static_cast<Exec*>(x);
+    {
+        std::lock_guard<std::mutex> lk(capture_mu);
+        if (!live_execs.count(e)) return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (Stream* st = recording(s)) {
+        // A graph launched into a capture becomes part of it (a child graph on a GPU).
+        if (st->invalidated) return invalidated(st, "cuGraphLaunch");
+        for (const auto& n : e->nodes) st->capture->nodes.push_back(n);
+        return CUDA_SUCCESS;
+    }
+    for (const auto& n : e->nodes)
+        if (CUresult r = replay(*n)) return r;
+    return CUDA_SUCCESS;
 }
 
 // ---- errors ----------------------------------------------------------------------------------------
@@ -831,6 +1431,7 @@ const char* error_name(int e) {
         case 201: return "CUDA_ERROR_INVALID_CONTEXT";
         case 209: return "CUDA_ERROR_NO_BINARY_FOR_GPU";
         case 400: return "CUDA_ERROR_INVALID_HANDLE";
+        case 401: return "CUDA_ERROR_ILLEGAL_STATE";
         case 500: return "CUDA_ERROR_NOT_FOUND";
         case 600: return "CUDA_ERROR_NOT_READY";
         case 700: return "CUDA_ERROR_ILLEGAL_ADDRESS";
@@ -842,6 +1443,11 @@ const char* error_name(int e) {
         case 719: return "CUDA_ERROR_LAUNCH_FAILED";
         case 801: return "CUDA_ERROR_NOT_SUPPORTED";
         case 900: return "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED";
+        case 901: return "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED";
+        case 903: return "CUDA_ERROR_STREAM_CAPTURE_UNMATCHED";
+        case 905: return "CUDA_ERROR_STREAM_CAPTURE_ISOLATION";
+        case 907: return "CUDA_ERROR_CAPTURED_EVENT";
+        case 908: return "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD";
         default: return nullptr;
     }
 }
@@ -865,6 +1471,13 @@ const char* error_text(int e) {
         case 716: return "misaligned address";
         case 719: return "unspecified launch failure";
         case 801: return "operation not supported";
+        case 401: return "the operation cannot be performed in the present state";
+        case 900: return "operation not permitted when stream is capturing";
+        case 901: return "operation failed due to a previous error during capture";
+        case 903: return "capture was not initiated in this stream";
+        case 905: return "dependency created on uncaptured work in another stream";
+        case 907: return "operation not permitted on an event last recorded in a capturing stream";
+        case 908: return "attempt to terminate a thread-local capture sequence from another thread";
         default: return nullptr;
     }
 }
@@ -896,6 +1509,25 @@ API unsigned long long kontext_emu_launches(const char* name) {
     std::lock_guard<std::mutex> g(stats_mu);
     auto it = launches.find(name);
     return it == launches.end() ? 0 : it->second;
+}
+
+// Work of the stand-in cuBLASLt on stream `s`: run now (`run(ctx)`, its status returned), or,
+// when `s` is capturing, recorded as a node that runs it at every replay. `drop(ctx)` frees the
+// context once it will not run again (after the run, or with the last graph holding the node).
+API int kontext_emu_enqueue(CUstream s, const char* what, int (*run)(void*), void* ctx,
+                            void (*drop)(void*)) {
+    if (Stream* st = recording(s)) {
+        auto n = std::make_shared<Node>();
+        n->kind = Node::ENQUEUED;
+        n->what = what;
+        n->run = run;
+        n->ctx = ctx;
+        n->drop = drop;
+        return record(st, n);  // on a refusal the node's destructor drops the context
+    }
+    const int r = run(ctx);
+    drop(ctx);
+    return r;
 }
 
 API void kontext_emu_count_launch(const char* name) {

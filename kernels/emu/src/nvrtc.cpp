@@ -376,8 +376,9 @@ API nvrtcResult nvrtcCompileProgram(void* prog, int num_options, const char* con
     gen += "static const EmuKernelInfo __emu_kernel_table[] = {\n";
     for (const auto& k : kernels)
         gen += "    {\"" + k.name + "\", __emu_entry_" + k.name + ", " +
-               (k.bounds.empty() ? std::string("0") : "(int)(" + k.bounds + ")") + "},\n";
-    if (kernels.empty()) gen += "    {nullptr, nullptr, 0},\n";
+               (k.bounds.empty() ? std::string("0") : "(int)(" + k.bounds + ")") +
+               ", __emu_param_count(" + k.name + "), __emu_param_sizes(" + k.name + ")},\n";
+    if (kernels.empty()) gen += "    {nullptr, nullptr, 0, 0, nullptr},\n";
     gen += "};\nEMU_EXPORT const EmuModuleInfo __emu_module_info = {EMU_ABI_VERSION, " +
            std::to_string(arch) + ", " + (specific ? "1" : "0") + ", " +
            std::to_string(kernels.size()) + ", __emu_kernel_table};\n";

@@ -14,7 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define EMU_ABI_VERSION 1
+#define EMU_ABI_VERSION 2
 
 #ifdef __cplusplus
 extern "C" {
@@ -93,6 +93,10 @@ struct EmuKernelInfo {
     const char* name;
     void (*entry)(void** params);  // unpacks cuLaunchKernel's parameter array and calls the kernel
     int max_threads;               // __launch_bounds__ (0: none given)
+    // The parameters' sizes, in order: what a stream capture copies out of cuLaunchKernel's
+    // array, as the real driver copies parameter values into a kernel node when it records it.
+    int param_count;
+    const size_t* param_sizes;
 };
 
 struct EmuModuleInfo {

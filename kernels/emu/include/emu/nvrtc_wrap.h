@@ -17,6 +17,21 @@ static void __emu_invoke(void (*f)(A...), void** p) {
     __emu_call(f, p, std::index_sequence_for<A...>{});
 }
 
+// The parameter sizes of a kernel's signature, for the module's kernel table (a trailing 0 so a
+// kernel without parameters still has an array).
+template <class... A>
+struct __emu_params {
+    static constexpr size_t sizes[sizeof...(A) + 1] = {sizeof(A)..., 0};
+};
+template <class... A>
+static constexpr int __emu_param_count(void (*)(A...)) {
+    return (int)sizeof...(A);
+}
+template <class... A>
+static constexpr const size_t* __emu_param_sizes(void (*)(A...)) {
+    return __emu_params<A...>::sizes;
+}
+
 static thread_local char __emu_tls_anchor;
 
 #define EMU_EXPORT extern "C" __attribute__((visibility("default")))
