@@ -275,22 +275,6 @@ pub trait Backend {
     fn copy_into(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
     /// Host values into `dst [rows, cols]`'s memory, in place (see [`Backend::copy_into`]).
     fn write(&self, dst: &mut Self::Tensor, data: &[f32]) -> Result<()>;
-    /// Runs `body` `times` times, then `after(i)` on the host after run `i`. `body` must be device
-    /// work only (no host reads or writes, no tensor outliving one run except those made before),
-    /// the same every run: the CUDA backend captures it once as a CUDA graph and replays it
-    /// (`KONTEXT_CUDA_GRAPH=0` runs it eagerly instead); other backends call it `times` times.
-    fn repeat(
-        &self,
-        times: usize,
-        body: &mut dyn FnMut() -> Result<()>,
-        after: &mut dyn FnMut(usize) -> Result<()>,
-    ) -> Result<()> {
-        for i in 0..times {
-            body()?;
-            after(i)?;
-        }
-        Ok(())
-    }
     /// `[a; b]` along rows: `[La, C] ‖ [Lb, C] → [La + Lb, C]`.
     fn concat_rows(&self, a: &Self::Tensor, b: &Self::Tensor) -> Result<Self::Tensor>;
     /// `[a | b]` along features: `[L, Ca] ‖ [L, Cb] → [L, Ca + Cb]`.
