@@ -513,6 +513,7 @@ fn run(args: &RunArgs) -> Result<()> {
             "parts": resolution.origins.iter().map(|o| serde_json::json!({"part": o.part, "path": o.path, "from": o.how})).collect::<Vec<_>>(),
             "notes": first.notes,
             "seconds": timings,
+            "graphs": pipeline.graph_stats().map(|(captured, replays)| serde_json::json!({"captured": captured, "replays": replays})),
             "launches": pipeline.launch_counts().map(|c| c.into_iter().map(|(k, n)| (k.to_string(), serde_json::Value::from(n))).collect::<serde_json::Map<_, _>>()),
             "memory": pipeline.memory.as_ref().map(|(plan, budget)| serde_json::json!({
                 "mode": plan.mode().name(),

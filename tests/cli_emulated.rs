@@ -117,6 +117,26 @@ fn edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tolerance() {
         summary["gpu"].as_str().unwrap().contains("emulated"),
         "{summary}"
     );
+    // The denoising loop ran as one CUDA graph: the first of the 4 steps eager (the warm-up),
+    // captured once, replayed for the other 3; the eager loop gives the same image bit for bit.
+    assert_eq!(
+        summary["graphs"],
+        serde_json::json!({"captured": 1, "replays": 3}),
+        "{summary}"
+    );
+    let eager_png = d.path().join("eager.png");
+    let e = edit("cuda", &eager_png, &[("KONTEXT_CUDA_GRAPH", "0")]);
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    let eager: serde_json::Value = serde_json::from_slice(&e.stdout).unwrap();
+    assert_eq!(
+        eager["graphs"],
+        serde_json::json!({"captured": 0, "replays": 0})
+    );
+    assert_eq!(eager["launches"], summary["launches"], "the same kernels, as often");
+    assert!(
+        pixels(&eager_png) == pixels(&gpu_png),
+        "graph and eager images differ"
+    );
     let c = edit("cpu", &cpu_png, &[]);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let (max, mean) = pixel_diff(&gpu_png, &cpu_png);

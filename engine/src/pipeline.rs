@@ -436,6 +436,14 @@ impl Pipeline {
         }
     }
 
+    /// Denoising steps captured as CUDA graphs so far and replays of them; None on the CPU.
+    pub fn graph_stats(&self) -> Option<(u64, u64)> {
+        match &self.engine {
+            Engine::Cuda(m) => Some(m.flux.backend.graph_stats()),
+            Engine::Cpu(_) => None,
+        }
+    }
+
     /// The device the models run on.
     pub fn device(&self) -> Device {
         match self.engine {

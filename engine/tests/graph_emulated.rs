@@ -58,7 +58,8 @@ fn step<B: Backend>(b: &B, x: &mut B::Tensor, w: &B::Linear) -> Result<()> {
 }
 
 /// `x` after TIMES steps through `repeat` (in a planned pool scope, as the denoising loop runs),
-/// x read back after every run, and how many times the body was called (1 when captured).
+/// x read back after every run, and how many times the body was called (2 when captured: the
+/// eager warm-up run, then the capture that runs 2 … TIMES replay).
 fn run<B: Backend>(b: &B, mut x: B::Tensor, w: &B::Linear) -> (Vec<f32>, Vec<Vec<f32>>, usize) {
     let mut seen = Vec::new();
     let mut calls = 0;
@@ -146,7 +147,7 @@ fn a_captured_step_replays_what_the_eager_loop_computes() {
     let eager_counts = diff(&before, &counts(&cuda));
     set_graphs(true);
 
-    assert_eq!(graph_calls, 1, "captured once");
+    assert_eq!(graph_calls, 2, "a warm-up run, then captured once");
     assert_eq!(eager_calls, TIMES, "eager: called every run");
     assert_eq!(graph_seen.len(), TIMES, "after() once per run");
     assert_eq!(graph_seen, eager_seen, "every run's x, bit for bit");
@@ -245,14 +246,23 @@ fn a_step_that_reads_back_or_allocates_fails_the_capture() {
             && text.contains("CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"),
         "{text}"
     );
-    // A step that replaces x (an f32 x becomes its bf16 copy in add_assign) instead of updating
-    // it in place: refused, since the replay would read the capture's addresses.
+    // A step that keeps a tensor it made past its run (here a row of x, pushed to a list): the
+    // replays would write the capture's copy, not the one kept, so it is refused.
     let err = cuda
         .planned(&mut plan, &mut || {
-            let mut f32_x = cuda.upload(&values(L * D, 1, 1.0), L, D)?;
-            cuda.repeat(TIMES, &mut || step(&cuda, &mut f32_x, &w), &mut |_| Ok(()))
+            let mut x = cuda.upload_bf16(&values(L * D, 1, 1.0), L, D)?;
+            let mut kept = Vec::new();
+            cuda.repeat(
+                TIMES,
+                &mut || {
+                    step(&cuda, &mut x, &w)?;
+                    kept.push(cuda.slice_rows(&x, 0, 1)?);
+                    Ok(())
+                },
+                &mut |_| Ok(()),
+            )
         })
-        .expect_err("a step that replaces a tensor made before is refused");
+        .expect_err("a step that keeps a tensor it made is refused");
     let text = err.to_string();
     println!("{text}");
     assert!(text.contains("changed the activations it holds"), "{text}");

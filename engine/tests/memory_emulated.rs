@@ -127,6 +127,13 @@ fn every_mode_gives_the_resident_image_within_its_plan() {
             assert!(m.flux.single_blocks.iter().any(|b| b.linear1.is_streamed()));
         }
         println!("  stream copies: {stats:?}");
+        // The denoising step is a CUDA graph where the transformer is resident (fp8 streams only
+        // the text encoders); a step that streams blocks runs eagerly.
+        let graphs = p.graph_stats().unwrap();
+        match mode {
+            Mode::Stream => assert_eq!(graphs, (0, 0), "streamed blocks: eager"),
+            _ => assert_eq!(graphs.0, 1, "{mode:?}: one capture"),
+        }
         if mode == Mode::Fp8 {
             // A second image from the same prompt reuses its encoding: T5 (the only user of
             // rms_norm) does not run again and streams nothing, and the image is the same.

@@ -54,7 +54,7 @@ use kontext_kernels::{DType, DeviceMat, Gpu, Kernels};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::ops::Deref;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 // The fused ops (GEMM epilogues, the fp8 × fp8 route): a child module, so they reach the
@@ -88,6 +88,9 @@ struct Shared {
     last_pool_bytes: AtomicUsize,
     placement: Mutex<Placement>,
     tally: Mutex<WeightTally>,
+    /// Steps captured as CUDA graphs, and replays of them ([`CudaBackend::graph_stats`]).
+    graph_captures: AtomicU64,
+    graph_replays: AtomicU64,
 }
 
 /// The CUDA backend. Cheap to clone: clones share the GPU, the kernels and the weights' device.
@@ -325,6 +328,8 @@ impl CudaBackend {
                 last_pool_bytes: AtomicUsize::new(0),
                 placement: Mutex::default(),
                 tally: Mutex::default(),
+                graph_captures: AtomicU64::new(0),
+                graph_replays: AtomicU64::new(0),
             }),
         })
     }
@@ -341,6 +346,8 @@ impl CudaBackend {
                 last_pool_bytes: AtomicUsize::new(0),
                 placement: Mutex::default(),
                 tally: Mutex::default(),
+                graph_captures: AtomicU64::new(0),
+                graph_replays: AtomicU64::new(0),
             }),
         }
     }

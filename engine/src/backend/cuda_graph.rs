@@ -20,17 +20,22 @@
 //!   its bf16 copy) or drops one made before would replay reads of memory no longer its own, so
 //!   it is refused instead.
 //!
+//! The first run is eager (a warm-up: cuBLASLt's first call for a shape and any lazy module
+//! load happen outside the capture), and it decides: a body that used a streamed weight (weight
+//! streaming copies each one on a second stream with host-side bookkeeping per use, which a
+//! replay would skip) stays eager; otherwise runs 2 … `times` replay one capture. In the fp8
+//! memory mode the text encoders stream but the transformer is resident, so its step is captured.
+//!
 //! What the capture refuses (a download, an upload, an allocation — a body outside a pool scope
 //! allocates every tensor —, a synchronisation) fails the capture with the driver's error, named
-//! as the capture; there is no silent eager fallback. Eager instead: when planning (no device),
-//! with `KONTEXT_CUDA_GRAPH=0`, and whenever the backend streams weights (block streaming copies
-//! each streamed weight on a second stream, with host-side bookkeeping per use, which a replay
-//! would skip).
+//! as the capture; there is no silent eager fallback. Eager throughout when planning (no device)
+//! and with `KONTEXT_CUDA_GRAPH=0`.
 //!
 //! [`Pool`]: kontext_kernels::arena::Pool
 
 use super::CudaBackend;
 use crate::error::{shape_err, Result};
+use std::sync::atomic::Ordering;
 
 /// The stage named on a failed capture.
 const CAPTURE: &str = "capturing the repeated step as a CUDA graph (the step must be device \
@@ -50,14 +55,29 @@ impl CudaBackend {
             Some(d) if !self.planning() => Some(d),
             _ => None,
         };
-        let graphs = std::env::var("KONTEXT_CUDA_GRAPH").as_deref() != Ok("0");
-        let Some(d) = dev.filter(|d| graphs && times > 0 && d.streamer.get().is_none()) else {
-            for i in 0..times {
+        let eager = |from: usize,
+                     body: &mut dyn FnMut() -> Result<()>,
+                     after: &mut dyn FnMut(usize) -> Result<()>| {
+            for i in from..times {
                 body()?;
                 after(i)?;
             }
-            return Ok(());
+            Ok(())
         };
+        let graphs = std::env::var("KONTEXT_CUDA_GRAPH").as_deref() != Ok("0");
+        let Some(d) = dev.filter(|_| graphs && times > 0) else {
+            return eager(0, body, after);
+        };
+        let streamed = || d.streamer.get().map_or(0, |s| s.uses());
+        let before = streamed();
+        body()?;
+        after(0)?;
+        if streamed() != before {
+            return eager(1, body, after);
+        }
+        if times == 1 {
+            return Ok(());
+        }
         let pool = self.scope().map(|s| s.pool);
         let held = pool.as_ref().map(|p| p.in_use());
         let graph = d.gpu.capture(&mut *body).map_err(|e| e.in_stage(CAPTURE))?;
@@ -76,19 +96,28 @@ impl CudaBackend {
                 ),
             ));
         }
-        for i in 0..times {
+        self.shared.graph_captures.fetch_add(1, Ordering::Relaxed);
+        for i in 1..times {
             graph.launch()?;
+            self.shared.graph_replays.fetch_add(1, Ordering::Relaxed);
             d.gpu.synchronize()?;
             after(i)?;
         }
         Ok(())
     }
 
-    /// Whether [`Backend::repeat`](crate::backend::Backend::repeat) captures a graph now (a
-    /// device, graphs not switched off, no streamed weight).
+    /// Steps captured as CUDA graphs so far, and replays of them: what proves that the
+    /// denoising loop ran as a graph.
+    pub fn graph_stats(&self) -> (u64, u64) {
+        (
+            self.shared.graph_captures.load(Ordering::Relaxed),
+            self.shared.graph_replays.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Whether [`Backend::repeat`](crate::backend::Backend::repeat) may capture a graph (a
+    /// device, graphs not switched off; a body that uses a streamed weight still runs eagerly).
     pub fn graphs_enabled(&self) -> bool {
-        self.shared.dev.as_ref().is_some_and(|d| {
-            d.streamer.get().is_none() && std::env::var("KONTEXT_CUDA_GRAPH").as_deref() != Ok("0")
-        })
+        self.shared.dev.is_some() && std::env::var("KONTEXT_CUDA_GRAPH").as_deref() != Ok("0")
     }
 }

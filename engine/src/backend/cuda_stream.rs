@@ -18,6 +18,7 @@ use kontext_kernels::weights::DeviceWeight;
 use kontext_kernels::{DType, DeviceMat, Gpu};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A linear layer's weight that lives in host memory: its bytes as the device holds them
@@ -61,6 +62,8 @@ pub(crate) struct Streamer {
     slots: Mutex<Option<[Arc<DeviceAlloc>; 2]>>,
     items: Mutex<Vec<Arc<StreamedWeight>>>,
     state: Mutex<State>,
+    /// Calls of [`Streamer::with`] so far: whether some work used a streamed weight.
+    uses: AtomicU64,
 }
 
 impl Streamer {
@@ -77,6 +80,7 @@ impl Streamer {
                 planned_last: None,
                 stats: StreamStats::default(),
             }),
+            uses: AtomicU64::new(0),
         })
     }
 
@@ -133,6 +137,11 @@ impl Streamer {
         Ok(())
     }
 
+    /// Streamed weights used so far (each [`Streamer::with`]).
+    pub(crate) fn uses(&self) -> u64 {
+        self.uses.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn stats(&self) -> StreamStats {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).stats
     }
@@ -154,6 +163,7 @@ impl Streamer {
         w: &StreamedWeight,
         f: impl FnOnce(&DeviceWeight) -> Result<T>,
     ) -> Result<T> {
+        self.uses.fetch_add(1, Ordering::Relaxed);
         self.prepare()?;
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         let slots = slots
