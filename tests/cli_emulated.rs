@@ -132,7 +132,10 @@ fn edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tolerance() {
         eager["graphs"],
         serde_json::json!({"captured": 0, "replays": 0})
     );
-    assert_eq!(eager["launches"], summary["launches"], "the same kernels, as often");
+    assert_eq!(
+        eager["launches"], summary["launches"],
+        "the same kernels, as often"
+    );
     assert!(
         pixels(&eager_png) == pixels(&gpu_png),
         "graph and eager images differ"

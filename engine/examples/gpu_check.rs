@@ -1106,6 +1106,12 @@ fn ops(c: &mut Check, real: bool) {
             ck_attention_fused(c, l, (h, hd), extra, split)
         });
     }
+    // A single block's branches into one buffer: fused attention (Dh 64), fallback (Dh 6).
+    for (l, h, hd, m) in [(37, 1, 64, 24), (9, 3, 6, 5)] {
+        c.guard("op", "single_block_branches", |c| {
+            ck_single_branches(c, l, (h, hd), m)
+        });
+    }
     // Encoder ops, tiny and odd.
     c.guard("op", "layer_norm", |c| ck_norm(c, false, 5, 33));
     c.guard("op", "rms_norm", |c| ck_norm(c, true, 5, 33));
@@ -1174,6 +1180,9 @@ fn ops(c: &mut Check, real: bool) {
     });
     c.guard("op", "attention_qk_norm_rope", |c| {
         ck_attention_fused(c, L, (H, DH), 0, LT)
+    });
+    c.guard("op", "single_block_branches", |c| {
+        ck_single_branches(c, L, (H, DH), M)
     });
     let real_ew: &[(Ew, usize, usize)] = &[
         (Ew::Silu, 1, D),
@@ -1922,4 +1931,41 @@ fn main() -> ExitCode {
     } else {
         ExitCode::from(1)
     }
+}
+
+/// `Backend::single_block_branches` CUDA (attention and GELU written in place into one
+/// `[L, D + M]` buffer) vs the CPU's slice, GELU and concatenation, on a poisoned output.
+fn ck_single_branches(c: &mut Check, l: usize, (heads, hd): (usize, usize), m: usize) -> R<()> {
+    let w = 3 * heads * hd + m;
+    let lin1 = c.randn(l, w, 0.0, 1.5);
+    let sc: Vec<Vec<f32>> = (0..2).map(|_| c.randn_f32(1, hd, 1.0, 0.2).data).collect();
+    let angles = c.randn_f32(l, hd / 2, 0.0, 3.0).data;
+    let pe: Vec<f32> = angles.iter().flat_map(|a| [a.cos(), a.sin()]).collect();
+    fn on<B: Backend>(
+        b: &B,
+        lin1: &Mat,
+        (heads, hd): (usize, usize),
+        sc: &[Vec<f32>],
+        pe: &[f32],
+    ) -> E<Vec<f32>> {
+        let mut t = up(b, lin1)?;
+        let v = sc
+            .iter()
+            .map(|s| b.load_vector("qk scale", host(&[hd], s.clone())))
+            .collect::<E<Vec<_>>>()?;
+        let pe = b.upload(pe, lin1.rows, hd)?;
+        let scales = QkScales { q: &v[0], k: &v[1] };
+        b.download(&b.single_block_branches(&mut t, (heads, hd), scales, &pe)?)
+    }
+    let got = on(&c.cuda, &lin1, (heads, hd), &sc, &pe)?;
+    let want = on(&c.cpu, &lin1, (heads, hd), &sc, &pe)?;
+    c.record(
+        "op",
+        "single_block_branches",
+        &format!("L{l} H{heads} Dh{hd} M{m}"),
+        &got,
+        &want,
+        tol::BF16_OP_ROUNDED,
+    );
+    Ok(())
 }

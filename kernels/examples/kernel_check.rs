@@ -923,13 +923,7 @@ fn check_elementwise(c: &mut Check) -> R<()> {
             .zip(&x)
             .map(|(&u, &v)| (u + dt * v) as f64)
             .collect();
-        c.compare(
-            "euler_step",
-            &shape(&[rows, cols]),
-            &got,
-            &want,
-            Tol::Exact,
-        );
+        c.compare("euler_step", &shape(&[rows, cols]), &got, &want, Tol::Exact);
     }
     // concat_cols / slice through copy2d into column ranges; the gap columns stay poisoned.
     let (l, ca, cb) = (33, 17, 50);

@@ -275,11 +275,7 @@ pub fn check_gate_residual(
 }
 
 /// Checks `x += dt·v`: x f32 `[L, C]`, v bf16 `[L, C]`, dt f32 `[1, 1]`; x disjoint from both.
-pub fn check_euler_step(
-    x: &MatDesc,
-    v: &MatDesc,
-    dt: &MatDesc,
-) -> Result<(LaunchDims, i32, i32)> {
+pub fn check_euler_step(x: &MatDesc, v: &MatDesc, dt: &MatDesc) -> Result<(LaunchDims, i32, i32)> {
     const OP: &str = "euler_step";
     for (what, m) in [("x", x), ("v", v), ("dt", dt)] {
         expect_valid(OP, what, m)?;

@@ -1142,6 +1142,17 @@ impl Backend for CudaBackend {
         )
     }
 
+    /// Both branches written in place into one buffer ([`crate::backend::cuda_attention`]).
+    fn single_block_branches(
+        &self,
+        lin1: &mut CudaTensor,
+        dims: (usize, usize),
+        scales: crate::backend::QkScales<'_, CudaVector>,
+        pe: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        crate::backend::cuda_attention::single_block_branches(self, lin1, dims, scales, pe)
+    }
+
     fn gate_residual(&self, x: &mut CudaTensor, gate: &CudaTensor, y: &CudaTensor) -> Result<()> {
         check_same("gate_residual", self.dims(x), self.dims(y))?;
         check_row_vector("gate_residual", "gate", self.dims(gate), x.cols)?;
@@ -1183,7 +1194,10 @@ impl Backend for CudaBackend {
     fn write(&self, dst: &mut CudaTensor, data: &[f32]) -> Result<()> {
         check_len(data.len(), dst.rows, dst.cols)?;
         if dst.dtype != DType::F32 {
-            return Err(shape_err("write", "only into an f32 tensor (made by upload)"));
+            return Err(shape_err(
+                "write",
+                "only into an f32 tensor (made by upload)",
+            ));
         }
         self.launch(|d| Ok(d.gpu.write_f32(dst.mat()?, data)?))
     }

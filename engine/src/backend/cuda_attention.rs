@@ -33,10 +33,89 @@ pub(crate) fn attention_qk_norm_rope(
     pe: &CudaTensor,
     pe_row0: usize,
 ) -> Result<CudaTensor> {
-    const OP: &str = "attention_qk_norm_rope";
     if !fast_path(b, qkv, hd) {
         return qk_norm_rope_then_attention(b, qkv, (heads, hd), scales, split, pe, pe_row0);
     }
+    let l = b.dims(qkv).0;
+    let out = b.tensor(DType::Bf16, l, heads * hd, "attention")?;
+    fused_into(b, qkv, (heads, hd), scales, split, pe, pe_row0, &out, 0)?;
+    Ok(out)
+}
+
+/// A single block's two branches side by side ([`Backend::single_block_branches`]): the fused
+/// attention writes columns `[0, D)` of `[L, D + M]` in place (the kernel's own output row
+/// stride) and GELU reads the MLP columns of `lin1` where the GEMM left them and writes `[D,
+/// D + M)`: no slice, no concatenation, one pass over each branch's output.
+pub(crate) fn single_block_branches(
+    b: &CudaBackend,
+    lin1: &mut CudaTensor,
+    (heads, hd): (usize, usize),
+    scales: QkScales<'_, CudaVector>,
+    pe: &CudaTensor,
+) -> Result<CudaTensor> {
+    const OP: &str = "single_block_branches";
+    let (l, w) = b.dims(lin1);
+    let d = heads * hd;
+    if w < 3 * d {
+        return Err(shape_err(
+            OP,
+            format!(
+                "lin1 [{l}, {w}] is narrower than q, k, v ({} columns)",
+                3 * d
+            ),
+        ));
+    }
+    let m = w - 3 * d;
+    let u = b.tensor(
+        DType::Bf16,
+        l,
+        d + m,
+        "single block [attention ‖ GELU(mlp)]",
+    )?;
+    if fast_path(b, lin1, hd) {
+        fused_into(
+            b,
+            lin1,
+            (heads, hd),
+            [scales.clone(), scales],
+            l,
+            pe,
+            0,
+            &u,
+            0,
+        )?;
+    } else {
+        let attn =
+            qk_norm_rope_then_attention(b, lin1, (heads, hd), [scales.clone(), scales], l, pe, 0)?;
+        b.launch(|dv| Ok(dv.k.copy2d(attn.mat()?, &u.mat()?.cols_range(0, d)?)?))?;
+    }
+    b.make_bf16(lin1, OP)?;
+    if l > 0 && m > 0 {
+        b.launch(|dv| {
+            Ok(dv.k.unary(
+                kontext_kernels::elementwise::Unary::GeluTanh,
+                &lin1.mat()?.cols_range(3 * d, w)?,
+                &u.mat()?.cols_range(d, d + m)?,
+            )?)
+        })?;
+    }
+    Ok(u)
+}
+
+/// The fused kernel's launch, its output into columns `[col0, col0 + H·Dh)` of `out`.
+#[allow(clippy::too_many_arguments)]
+fn fused_into(
+    b: &CudaBackend,
+    qkv: &mut CudaTensor,
+    (heads, hd): (usize, usize),
+    scales: [QkScales<'_, CudaVector>; 2],
+    split: usize,
+    pe: &CudaTensor,
+    pe_row0: usize,
+    out: &CudaTensor,
+    col0: usize,
+) -> Result<()> {
+    const OP: &str = "attention_qk_norm_rope";
     let (l, w) = b.dims(qkv);
     check_attention(OP, (l, w), (heads, hd), None)?;
     check_qk_rope((heads, hd), (l, w), b.dims(pe), pe_row0)?;
@@ -57,11 +136,20 @@ pub(crate) fn attention_qk_norm_rope(
             format!("split = {split} is past the {l} rows of qkv"),
         ));
     }
+    let (oc, ow) = (col0 + heads * hd, b.dims(out).1);
+    if b.dims(out).0 != l || oc > ow {
+        return Err(shape_err(
+            OP,
+            format!(
+                "output [{}, {ow}] has no [{l}, {oc}] for the heads",
+                b.dims(out).0
+            ),
+        ));
+    }
     b.make_bf16(qkv, OP)?;
     let pe = b.as_dtype(pe, DType::F32, OP)?;
-    let out = b.tensor(DType::Bf16, l, heads * hd, "attention")?;
     if l == 0 {
-        return Ok(out);
+        return Ok(());
     }
     b.launch(|dv| {
         let mats =
@@ -81,9 +169,9 @@ pub(crate) fn attention_qk_norm_rope(
             pe_row0,
             eps: RMS_EPS,
         };
-        Ok(dv.k.attention_mma(qkv.mat()?, &p, out.mat()?)?)
-    })?;
-    Ok(out)
+        let out = out.mat()?.cols_range(col0, col0 + heads * hd)?;
+        Ok(dv.k.attention_mma(qkv.mat()?, &p, &out)?)
+    })
 }
 
 impl CudaBackend {

@@ -239,6 +239,41 @@ pub trait Backend {
     ) -> Result<Self::Tensor> {
         qk_norm_rope_then_attention(self, qkv, (num_heads, head_dim), scales, split, pe, pe_row0)
     }
+    /// A single block's parallel branches side by side, `[attention ‖ GELU_tanh(mlp)]`
+    /// `[L, D + M]`, from its linear1 output `lin1 [L, 3D + M]` (q, k, v, then the MLP's
+    /// pre-activation): [`Backend::attention_qk_norm_rope`] on the first 3D columns (split = L,
+    /// pe rows from 0) and GELU of the rest (spec 1.9). The default slices, activates and
+    /// concatenates; the CUDA backend writes both into one buffer in place.
+    fn single_block_branches(
+        &self,
+        lin1: &mut Self::Tensor,
+        (num_heads, head_dim): (usize, usize),
+        scales: QkScales<'_, Self::Vector>,
+        pe: &Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let (l, w) = self.dims(lin1);
+        let d = num_heads * head_dim;
+        if w < 3 * d {
+            return Err(shape_err(
+                "single_block_branches",
+                format!(
+                    "lin1 [{l}, {w}] is narrower than q, k, v ({} columns)",
+                    3 * d
+                ),
+            ));
+        }
+        let attn = self.attention_qk_norm_rope(
+            lin1,
+            (num_heads, head_dim),
+            [scales.clone(), scales],
+            l,
+            pe,
+            0,
+        )?; // [L, D]
+        let mlp = self.slice_cols(lin1, 3 * d, w)?; // [L, M]
+        let mlp = self.gelu_tanh(&mlp)?;
+        self.concat_cols(&attn, &mlp)
+    }
     /// `x += gate ⊙ y`: x and y `[L, D]`, gate `[1, D]` broadcast over rows.
     fn gate_residual(
         &self,
@@ -268,8 +303,7 @@ pub trait Backend {
     /// The sampler's Euler update `x += dt·v`: x `[L, C]` (f32 on every backend: the latents
     /// keep full precision between steps), v `[L, C]`, dt `[1, 1]`. dt is a tensor so that a
     /// step recorded once ([`Backend::repeat`]) replays with the value written before it.
-    fn euler_step(&self, x: &mut Self::Tensor, v: &Self::Tensor, dt: &Self::Tensor)
-        -> Result<()>;
+    fn euler_step(&self, x: &mut Self::Tensor, v: &Self::Tensor, dt: &Self::Tensor) -> Result<()>;
     /// `dst = src`, both `[rows, cols]`, into `dst`'s memory (a recorded step's inputs are
     /// rewritten in place between replays).
     fn copy_into(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;

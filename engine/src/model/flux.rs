@@ -347,11 +347,35 @@ impl<B: Backend> Flux<B> {
         let b = &self.backend;
         let cin = c.in_channels.max(1);
         let (nx, nc) = (x.len() / cin, ctx.len() / cin);
-        check_len("x", x, nx, c.in_channels, format!("[Nx, {}]", c.in_channels))?;
-        check_len("ctx", ctx, nc, c.in_channels, format!("[Nc, {}]", c.in_channels))?;
+        check_len(
+            "x",
+            x,
+            nx,
+            c.in_channels,
+            format!("[Nx, {}]", c.in_channels),
+        )?;
+        check_len(
+            "ctx",
+            ctx,
+            nc,
+            c.in_channels,
+            format!("[Nc, {}]", c.in_channels),
+        )?;
         let lt = inp.txt.len() / c.context_in_dim.max(1);
-        check_len("txt", inp.txt, lt, c.context_in_dim, format!("[Lt, {}]", c.context_in_dim))?;
-        check_len("img_ids", inp.img_ids, nx + nc, 3, format!("[Nx + Nc = {}, 3]", nx + nc))?;
+        check_len(
+            "txt",
+            inp.txt,
+            lt,
+            c.context_in_dim,
+            format!("[Lt, {}]", c.context_in_dim),
+        )?;
+        check_len(
+            "img_ids",
+            inp.img_ids,
+            nx + nc,
+            3,
+            format!("[Nx + Nc = {}, 3]", nx + nc),
+        )?;
         check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
         // A fixed copy of every conditioning tensor: slicing all rows copies.
         let own = |t: &B::Tensor| b.slice_rows(t, 0, b.dims(t).0);
@@ -376,7 +400,11 @@ impl<B: Backend> Flux<B> {
                     })
                 })
                 .collect::<Result<_>>()?,
-            single_blocks: cond.single_blocks.iter().map(triple).collect::<Result<_>>()?,
+            single_blocks: cond
+                .single_blocks
+                .iter()
+                .map(triple)
+                .collect::<Result<_>>()?,
             final_layer: LastLayerModulation {
                 shift: own(&cond.final_layer.shift)?,
                 scale: own(&cond.final_layer.scale)?,

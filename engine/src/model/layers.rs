@@ -500,23 +500,18 @@ impl<B: Backend> SingleStreamBlock<B> {
         pe: &B::Tensor,
     ) -> Result<B::Tensor> {
         let BlockDims {
-            hidden: d,
             num_heads: h,
             head_dim: hd,
-            mlp_hidden: m,
+            ..
         } = self.dims;
         let x_mod = b.norm_modulate(&x, &m1.shift, &m1.scale)?; // [L, D]
         let mut lin1 = b.linear(&x_mod, &self.linear1)?; // [L, 3D + M]
-        let (l, _) = b.dims(&lin1);
         let n = QkScales {
             q: &self.norm.query_norm,
             k: &self.norm.key_norm,
         };
-        // QKNorm + RoPE of q, k of [L, 3D + M], then attention
-        let attn = b.attention_qk_norm_rope(&mut lin1, (h, hd), [n, n], l, pe, 0)?; // [L, D]
-        let mlp = b.slice_cols(&lin1, 3 * d, 3 * d + m)?; // [L, M]
-        let mlp = b.gelu_tanh(&mlp)?; // [L, M]
-        let u = b.concat_cols(&attn, &mlp)?; // [L, D + M], attention first
+        // QKNorm + RoPE of q, k, attention ‖ GELU of the MLP half, attention first
+        let u = b.single_block_branches(&mut lin1, (h, hd), n, pe)?; // [L, D + M]
         b.linear_gate_residual(&u, &self.linear2, &m1.gate, &mut x)?; // [L, D]
         Ok(x)
     }
