@@ -577,7 +577,8 @@ impl Pipeline {
 
     /// [`Pipeline::edit`] (with a context) or [`Pipeline::generate`] (without), calling `stages`
     /// with `prompt_embeds` `[512, d]`, `pooled` `[d]`, `image_latents` (packed context tokens
-    /// `[Nc, 4z]`), `latents_step{i}` (packed target after step i, 1-based) and `pixels`
+    /// `[Nc, 4z]`), `latents_step{i}` (packed target after step i, 1-based; `latents_step0` the
+    /// initial noise) and `pixels`
     /// `[3, H, W]` (decoder output before clamping), for comparison with the reference.
     pub fn run(
         &self,
@@ -759,6 +760,7 @@ impl Pipeline {
             (k.img[nx * 4 * z..].to_vec(), k.img_ids) // [ΣNc, 4z], [Nx + ΣNc, 3]
         };
         observe("img_ids", &img_ids);
+        observe("latents_step0", &x);
         let schedule = get_schedule(opts.steps, nx, &self.scheduler);
         let ids_txt = txt_ids(lt); // [Lt, 3]
         let flux = &m.flux;

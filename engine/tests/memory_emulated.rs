@@ -167,6 +167,101 @@ fn every_mode_gives_the_resident_image_within_its_plan() {
     assert!(max <= 48 && mean <= 6.0, "max {max}, mean {mean}");
 }
 
+/// The image and the velocity of step 1 (`(latents_step1 − latents_step0) / dt`, up to the
+/// common factor 1/dt), and the launches per kernel the run made.
+fn edit_velocity(p: &Pipeline) -> (RgbImage, Vec<f32>, Vec<(&'static str, u64)>) {
+    let before = p.launch_counts().unwrap();
+    let ctx = RgbImage::open(&fixtures().join("pipeline/context.png")).unwrap();
+    let (mut x0, mut x1) = (Vec::new(), Vec::new());
+    let mut hook = |name: &str, v: &[f32]| match name {
+        "latents_step0" => x0 = v.to_vec(),
+        "latents_step1" => x1 = v.to_vec(),
+        _ => {}
+    };
+    let out = p
+        .run_references(
+            &[&ctx],
+            RefLayout::Offset,
+            "a cat",
+            &options(),
+            &mut |_| {},
+            Some(&mut hook),
+        )
+        .unwrap();
+    let after = p.launch_counts().unwrap();
+    let ran = after
+        .iter()
+        .map(|&(k, n)| (k, n - before.iter().find(|b| b.0 == k).map_or(0, |b| b.1)))
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    assert_eq!(x0.len(), x1.len());
+    let v = x1.iter().zip(&x0).map(|(a, b)| a - b).collect();
+    (out.image, v, ran)
+}
+
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release --test memory_emulated -- --ignored"]
+fn both_fp8_routes_stay_within_the_fp8_tolerance_of_bf16() {
+    // The two routes of fp8 weights (issue 13): dequantise into bf16 then a bf16 GEMM (the
+    // default), and e4m3 × e4m3 GEMMs with the activations quantised on the device — adaLN's
+    // norm writing e4m3 directly for qkv, linear1 and the MLPs' first layers
+    // (norm_modulate_e4m3), the other linears' inputs by quantise_e4m3. Each against the
+    // resident bf16 run: step 1's velocity and the finished image.
+    emulated();
+    let (bf16, v_bf16, _) = edit_velocity(&load(&MemoryOptions {
+        mode: Some(Mode::Resident),
+        ..Default::default()
+    }));
+    let p = load(&MemoryOptions {
+        mode: Some(Mode::Fp8),
+        ..Default::default()
+    });
+    let Engine::Cuda(m) = &p.engine else {
+        unreachable!()
+    };
+    let b = m.flux.backend.clone();
+    b.set_fp8_gemm(false);
+    let (deq, v_deq, ran_deq) = edit_velocity(&p);
+    b.set_fp8_gemm(true);
+    let fp8 = edit_velocity(&p);
+    b.set_fp8_gemm(false);
+    let (f8, v_f8, ran_f8) = fp8;
+    let count = |ran: &[(&str, u64)], k: &str| ran.iter().find(|r| r.0 == k).map_or(0, |r| r.1);
+    // Which route ran: the fused norm only on the fp8 × fp8 route, the dequantisation only on
+    // the other; per step, one norm_modulate_e4m3 per fused input (4 per double block, 1 per
+    // single block).
+    let c = &m.flux.config;
+    let per_step = (4 * c.depth + c.depth_single) as u64;
+    assert_eq!(
+        count(&ran_f8, "norm_modulate_e4m3"),
+        per_step * options().steps as u64,
+        "{ran_f8:?}"
+    );
+    assert_eq!(
+        count(&ran_f8, "norm_modulate_e4m3"),
+        count(&ran_f8, "norm_modulate_amax")
+    );
+    assert!(count(&ran_f8, "quantise_e4m3") > 0, "{ran_f8:?}");
+    assert_eq!(count(&ran_deq, "norm_modulate_e4m3"), 0, "{ran_deq:?}");
+    assert_eq!(count(&ran_deq, "quantise_e4m3"), 0, "{ran_deq:?}");
+    assert!(count(&ran_deq, "fp8_e4m3_to_bf16") > 0, "{ran_deq:?}");
+    let (ve_deq, ve_f8) = (rel_l2(&v_deq, &v_bf16), rel_l2(&v_f8, &v_bf16));
+    let ((mx_deq, mn_deq), (mx_f8, mn_f8)) = (levels(&deq, &bf16), levels(&f8, &bf16));
+    println!(
+        "fp8 routes vs bf16, step-1 velocity rel_l2 / image max, mean levels: dequantise \
+         {ve_deq:.2e} / {mx_deq}, {mn_deq:.2}; e4m3 x e4m3 {ve_f8:.2e} / {mx_f8}, {mn_f8:.2}"
+    );
+    // The fp8 tolerance of the tiny random model (as above: 0.15 on the velocity, 48 / 6 levels
+    // on the image). The e4m3 activations add their own rounding: the kernels' emulator test
+    // (fp8_routes_error_against_bf16) measures the e4m3 × e4m3 GEMM at 3.8e-2 against bf16
+    // where the dequantise route is at 2.7e-2, 1.41×, so that route's velocity bound is
+    // 1.41 × 0.15 ≈ 0.21 (measured here: 9.8e-2 and 1.44e-1).
+    for (v, bound, mx, mn) in [(ve_deq, 0.15, mx_deq, mn_deq), (ve_f8, 0.21, mx_f8, mn_f8)] {
+        assert!(v < bound, "{v} ≥ {bound}");
+        assert!(mx <= 48 && mn <= 6.0, "max {mx}, mean {mn}");
+    }
+}
+
 #[test]
 #[ignore = "emulated GPU: scripts/emulated cargo test --release --test memory_emulated -- --ignored"]
 fn memory_taken_by_another_process_is_an_error_naming_the_stage_and_the_bytes() {

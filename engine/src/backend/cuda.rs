@@ -1037,6 +1037,22 @@ impl Backend for CudaBackend {
         fused::linear_gelu(self, x, w)
     }
 
+    fn norm_modulate_linear(
+        &self,
+        x: &CudaTensor,
+        shift: &CudaTensor,
+        scale: &CudaTensor,
+        w: &CudaLinear,
+        gelu: bool,
+    ) -> Result<CudaTensor> {
+        let epilogue = if gelu {
+            kontext_kernels::gemm::Epilogue::Gelu
+        } else {
+            kontext_kernels::gemm::Epilogue::None
+        };
+        fused::norm_modulate_linear(self, x, (shift, scale), w, epilogue)
+    }
+
     fn linear_gate_residual(
         &self,
         x: &CudaTensor,

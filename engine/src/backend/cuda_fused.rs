@@ -14,12 +14,16 @@
 //!   fp8 weight's own product, kernels' `fp8_routes_error_against_bf16`); which route is faster
 //!   end to end is for a GPU to measure.
 //!
+//! - `norm_modulate_linear` on the fp8 × fp8 route: adaLN's norm and modulation written as the
+//!   GEMM's e4m3 input directly (`norm_modulate_e4m3`), no bf16 activations, no quantise pass.
+//!
 //! Layers with LoRA terms take the unfused compositions (the low-rank terms are added to the
 //! GEMM's output before the activation or the gate), so LoRA behaviour is unchanged.
 
 use super::{CudaBackend, CudaLinear, CudaTensor};
 use crate::backend::{check_linear, check_row_vector, check_same, Backend};
 use crate::error::{shape_err, Result};
+use crate::layers::LN_EPS;
 use kontext_kernels::gemm::Epilogue;
 use kontext_kernels::DType;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -82,30 +86,84 @@ pub(super) fn fp8_linear(
     let x8 = b.tensor(DType::F8E4M3, x.rows, w.inp, "fp8 activations")?;
     let scales = b.tensor(DType::F32, 1, 2, "fp8 activation scale")?;
     b.launch(|d| {
-        let (xm, x8m, sm, ym) = (x.mat()?, x8.mat()?, scales.mat()?, y.mat()?);
-        d.k.quantise_e4m3(xm, x8m, sm)?;
-        let x_scale = sm.cols_range(1, 2)?;
-        b.with_weight(d, w, |weight| {
-            for (range, scale) in &weight.scales {
-                let part = weight.data.rows_range(range.start, range.end)?;
-                let bias = match &w.bias {
-                    Some(bias) => Some(bias.cols_range(range.start, range.end)?),
-                    None => None,
-                };
-                d.gemm.linear_fp8(
-                    x8m,
-                    &x_scale,
-                    &part,
-                    *scale,
-                    bias.as_ref(),
-                    &ym.cols_range(range.start, range.end)?,
-                    epilogue,
-                )?;
-            }
-            Ok(())
-        })
+        let (x8m, sm) = (x8.mat()?, scales.mat()?);
+        d.k.quantise_e4m3(x.mat()?, x8m, sm)?;
+        fp8_gemms(b, d, x8m, sm, w, y.mat()?, epilogue)
     })?;
     Ok(true)
+}
+
+/// One fp8 GEMM per weight part of `w` (each part's scale as its alpha) on the e4m3
+/// activations `x8` with their scale at `scales[1]`, into `y`'s column ranges.
+fn fp8_gemms(
+    b: &CudaBackend,
+    d: &super::Device,
+    x8: &kontext_kernels::DeviceMat,
+    scales: &kontext_kernels::DeviceMat,
+    w: &CudaLinear,
+    y: &kontext_kernels::DeviceMat,
+    epilogue: Epilogue,
+) -> Result<()> {
+    let x_scale = scales.cols_range(1, 2)?;
+    b.with_weight(d, w, |weight| {
+        for (range, scale) in &weight.scales {
+            let part = weight.data.rows_range(range.start, range.end)?;
+            let bias = match &w.bias {
+                Some(bias) => Some(bias.cols_range(range.start, range.end)?),
+                None => None,
+            };
+            d.gemm.linear_fp8(
+                x8,
+                &x_scale,
+                &part,
+                *scale,
+                bias.as_ref(),
+                &y.cols_range(range.start, range.end)?,
+                epilogue,
+            )?;
+        }
+        Ok(())
+    })
+}
+
+/// See [`Backend::norm_modulate_linear`]: on the fp8 × fp8 route, `norm_modulate_e4m3` writes
+/// the GEMM's e4m3 input straight from x (the tensor's amax in a first pass over x, the
+/// quantised values in a second, from f32: the modulated activations are never stored in bf16
+/// nor quantised by a pass of their own), then the fp8 GEMMs. Everything else (bf16 or
+/// dequantised weights, LoRA terms, shapes the route does not take) composes `norm_modulate`,
+/// which already writes the bf16 GEMM's input dtype, with the linear.
+pub(super) fn norm_modulate_linear(
+    b: &CudaBackend,
+    x: &CudaTensor,
+    (shift, scale): (&CudaTensor, &CudaTensor),
+    w: &CudaLinear,
+    epilogue: Epilogue,
+) -> Result<CudaTensor> {
+    const OP: &str = "norm_modulate_linear";
+    if !fp8_route(b, w) || !w.lora.is_empty() {
+        let h = b.norm_modulate(x, shift, scale)?;
+        return match epilogue {
+            Epilogue::Gelu => b.linear_gelu(&h, w),
+            _ => b.linear(&h, w),
+        };
+    }
+    check_row_vector(OP, "shift", b.dims(shift), x.cols)?;
+    check_row_vector(OP, "scale", b.dims(scale), x.cols)?;
+    let xb = linear_operand(b, x, w, OP)?;
+    let (shift, scale) = (b.bf16(shift, OP)?, b.bf16(scale, OP)?);
+    b.plan_use(w);
+    let y = b.tensor(DType::Bf16, xb.rows, w.out, OP)?;
+    if xb.rows == 0 || w.out == 0 {
+        return Ok(y);
+    }
+    let x8 = b.tensor(DType::F8E4M3, xb.rows, w.inp, "fp8 activations")?;
+    let scales = b.tensor(DType::F32, 1, 2, "fp8 activation scale")?;
+    b.launch(|d| {
+        let (x8m, sm) = (x8.mat()?, scales.mat()?);
+        d.k.norm_modulate_e4m3(xb.mat()?, shift.mat()?, scale.mat()?, x8m, sm, LN_EPS)?;
+        fp8_gemms(b, d, x8m, sm, w, y.mat()?, epilogue)
+    })?;
+    Ok(y)
 }
 
 /// The checks of [`Backend::linear`], then `x` as bf16.

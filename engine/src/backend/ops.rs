@@ -287,6 +287,25 @@ pub trait Backend {
         let h = self.linear(x, w)?;
         self.gelu_tanh(&h)
     }
+    /// `linear(norm_modulate(x, shift, scale), w)`, or [`Backend::linear_gelu`] when `gelu`: a
+    /// block's adaLN input straight into its first GEMM (qkv, linear1, the MLP's first layer).
+    /// The default composes the ops; the CUDA backend on the fp8 × fp8 route writes the e4m3
+    /// GEMM input from x in one fused kernel.
+    fn norm_modulate_linear(
+        &self,
+        x: &Self::Tensor,
+        shift: &Self::Tensor,
+        scale: &Self::Tensor,
+        w: &Self::Linear,
+        gelu: bool,
+    ) -> Result<Self::Tensor> {
+        let h = self.norm_modulate(x, shift, scale)?;
+        if gelu {
+            self.linear_gelu(&h, w)
+        } else {
+            self.linear(&h, w)
+        }
+    }
     /// `residual += gate ⊙ (x·Wᵀ + b)` (a block's output projection onto its stream):
     /// [`Backend::linear`] then [`Backend::gate_residual`], which a backend may fuse (CUDA, fp8
     /// weights: the gate in the dequantised weight, the GEMM accumulating onto the residual).

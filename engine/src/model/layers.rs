@@ -249,16 +249,16 @@ impl<B: Backend> Mlp<B> {
         b.linear(&h, &self.fc2) // [N, D]
     }
 
-    /// `residual += gate ⊙ forward(x)`: x, residual `[N, D]`, gate `[1, D]`.
-    pub fn forward_gate_residual(
+    /// A stream's MLP branch: `x += gate ⊙ forward((1 + scale)·LN(x) + shift)`, x `[N, D]`,
+    /// `m`'s chunks `[1, D]` (spec 1.8).
+    pub fn forward_modulated(
         &self,
         b: &B,
-        x: &B::Tensor,
-        gate: &B::Tensor,
-        residual: &mut B::Tensor,
+        x: &mut B::Tensor,
+        m: &ModulationOut<B::Tensor>,
     ) -> Result<()> {
-        let h = b.linear_gelu(x, &self.fc0)?; // [N, M]
-        b.linear_gate_residual(&h, &self.fc2, gate, residual) // [N, D]
+        let h = b.norm_modulate_linear(x, &m.shift, &m.scale, &self.fc0, true)?; // [N, M]
+        b.linear_gate_residual(&h, &self.fc2, &m.gate, x) // [N, D]
     }
 }
 
@@ -401,12 +401,12 @@ impl<B: Backend> DoubleStreamBlock<B> {
         } = m; // 4 × 3 × [1, D]
 
         // image q, k, v
-        let img_modulated = b.norm_modulate(&img, &img_mod1.shift, &img_mod1.scale)?; // [Ni, D]
-        let img_qkv = b.linear(&img_modulated, &self.img_attn.qkv)?; // [Ni, 3D]
+        let (qkv_w, m1) = (&self.img_attn.qkv, img_mod1);
+        let img_qkv = b.norm_modulate_linear(&img, &m1.shift, &m1.scale, qkv_w, false)?; // [Ni, 3D]
 
         // text q, k, v
-        let txt_modulated = b.norm_modulate(&txt, &txt_mod1.shift, &txt_mod1.scale)?; // [Lt, D]
-        let txt_qkv = b.linear(&txt_modulated, &self.txt_attn.qkv)?; // [Lt, 3D]
+        let (qkv_w, m1) = (&self.txt_attn.qkv, txt_mod1);
+        let txt_qkv = b.norm_modulate_linear(&txt, &m1.shift, &m1.scale, qkv_w, false)?; // [Lt, 3D]
 
         // joint attention, text first: each stream's QKNorm on its rows, RoPE with pe rows [0, L)
         let mut qkv = b.concat_rows(&txt_qkv, &img_qkv)?; // [L, 3D]
@@ -427,15 +427,11 @@ impl<B: Backend> DoubleStreamBlock<B> {
 
         // image residuals
         b.linear_gate_residual(&img_attn, &self.img_attn.proj, &img_mod1.gate, &mut img)?; // [Ni, D]
-        let x = b.norm_modulate(&img, &img_mod2.shift, &img_mod2.scale)?; // [Ni, D]
-        self.img_mlp
-            .forward_gate_residual(b, &x, &img_mod2.gate, &mut img)?; // [Ni, D]
+        self.img_mlp.forward_modulated(b, &mut img, img_mod2)?; // [Ni, D]
 
         // text residuals
         b.linear_gate_residual(&txt_attn, &self.txt_attn.proj, &txt_mod1.gate, &mut txt)?; // [Lt, D]
-        let x = b.norm_modulate(&txt, &txt_mod2.shift, &txt_mod2.scale)?; // [Lt, D]
-        self.txt_mlp
-            .forward_gate_residual(b, &x, &txt_mod2.gate, &mut txt)?; // [Lt, D]
+        self.txt_mlp.forward_modulated(b, &mut txt, txt_mod2)?; // [Lt, D]
         Ok((img, txt))
     }
 }
@@ -504,8 +500,7 @@ impl<B: Backend> SingleStreamBlock<B> {
             head_dim: hd,
             ..
         } = self.dims;
-        let x_mod = b.norm_modulate(&x, &m1.shift, &m1.scale)?; // [L, D]
-        let mut lin1 = b.linear(&x_mod, &self.linear1)?; // [L, 3D + M]
+        let mut lin1 = b.norm_modulate_linear(&x, &m1.shift, &m1.scale, &self.linear1, false)?; // [L, 3D + M]
         let n = QkScales {
             q: &self.norm.query_norm,
             k: &self.norm.key_norm,
