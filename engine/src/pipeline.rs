@@ -186,6 +186,11 @@ pub struct Pipeline {
     /// The last prompt's encoding, so that images from one prompt (`--count`, a batch of seeds)
     /// encode it once: with streamed text encoders a new prompt copies 9.5 GB.
     prompt_cache: std::sync::Mutex<Option<PromptEncoding>>,
+    /// CUDA requests run one at a time: they share the GPU's one stream, the fit check counts
+    /// the memory left for one request, and a step captured as a CUDA graph must be the only
+    /// work queued on the stream while it is captured (another request's launches would land
+    /// in the graph). The GPU runs one request's kernels at a time either way.
+    cuda_requests: std::sync::Mutex<()>,
 }
 
 /// A prompt's T5 and CLIP outputs, the notes its encoding made, and the models they came from.
@@ -369,6 +374,7 @@ impl Pipeline {
             scheduler,
             memory: plan,
             prompt_cache: std::sync::Mutex::new(None),
+            cuda_requests: std::sync::Mutex::new(()),
         };
         pipeline.check_tokenizers()?;
         Ok(pipeline)
@@ -615,6 +621,7 @@ impl Pipeline {
                 self.run_references_with(m, references, layout, prompt, opts, progress, stages)
             }
             Engine::Cuda(m) => {
+                let _one_at_a_time = self.cuda_requests.lock().unwrap_or_else(|e| e.into_inner());
                 // Sizes only: the run resizes the references itself.
                 let dims: Vec<(usize, usize)> =
                     references.iter().map(|r| (r.width, r.height)).collect();
