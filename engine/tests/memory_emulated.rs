@@ -42,12 +42,18 @@ fn options() -> EditOptions {
 
 /// The image and the latents after step 1.
 fn edit(p: &Pipeline) -> (RgbImage, Vec<f32>) {
+    let (image, _, step1) = edit_latents(p);
+    (image, step1)
+}
+
+/// The image, the initial latents and the latents after step 1.
+fn edit_latents(p: &Pipeline) -> (RgbImage, Vec<f32>, Vec<f32>) {
     let ctx = RgbImage::open(&fixtures().join("pipeline/context.png")).unwrap();
-    let mut step1 = Vec::new();
-    let mut hook = |name: &str, v: &[f32]| {
-        if name == "latents_step1" {
-            step1 = v.to_vec();
-        }
+    let (mut x0, mut x1) = (Vec::new(), Vec::new());
+    let mut hook = |name: &str, v: &[f32]| match name {
+        "latents_step0" => x0 = v.to_vec(),
+        "latents_step1" => x1 = v.to_vec(),
+        _ => {}
     };
     let out = p
         .run_references(
@@ -59,7 +65,7 @@ fn edit(p: &Pipeline) -> (RgbImage, Vec<f32>) {
             Some(&mut hook),
         )
         .unwrap();
-    (out.image, step1)
+    (out.image, x0, x1)
 }
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
@@ -171,23 +177,7 @@ fn every_mode_gives_the_resident_image_within_its_plan() {
 /// common factor 1/dt), and the launches per kernel the run made.
 fn edit_velocity(p: &Pipeline) -> (RgbImage, Vec<f32>, Vec<(&'static str, u64)>) {
     let before = p.launch_counts().unwrap();
-    let ctx = RgbImage::open(&fixtures().join("pipeline/context.png")).unwrap();
-    let (mut x0, mut x1) = (Vec::new(), Vec::new());
-    let mut hook = |name: &str, v: &[f32]| match name {
-        "latents_step0" => x0 = v.to_vec(),
-        "latents_step1" => x1 = v.to_vec(),
-        _ => {}
-    };
-    let out = p
-        .run_references(
-            &[&ctx],
-            RefLayout::Offset,
-            "a cat",
-            &options(),
-            &mut |_| {},
-            Some(&mut hook),
-        )
-        .unwrap();
+    let (image, x0, x1) = edit_latents(p);
     let after = p.launch_counts().unwrap();
     let ran = after
         .iter()
@@ -196,7 +186,7 @@ fn edit_velocity(p: &Pipeline) -> (RgbImage, Vec<f32>, Vec<(&'static str, u64)>)
         .collect();
     assert_eq!(x0.len(), x1.len());
     let v = x1.iter().zip(&x0).map(|(a, b)| a - b).collect();
-    (out.image, v, ran)
+    (image, v, ran)
 }
 
 #[test]

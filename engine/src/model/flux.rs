@@ -332,6 +332,21 @@ impl<B: Backend> Flux<B> {
         Ok(out)
     }
 
+    /// Checks `inp`'s text states and ids → the text length `Lt`.
+    fn check_text(&self, inp: &FluxInputs<'_>) -> Result<usize> {
+        let c = &self.config;
+        let lt = inp.txt.len() / c.context_in_dim.max(1);
+        check_len(
+            "txt",
+            inp.txt,
+            lt,
+            c.context_in_dim,
+            format!("[Lt, {}]", c.context_in_dim),
+        )?;
+        check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
+        Ok(lt)
+    }
+
     /// The denoising loop's state from host inputs: target latents `x [Nx, in]` (f32), context
     /// latents `ctx [Nc, in]`, `inp`'s text, ids (`img_ids` of `[target ‖ context]`), the
     /// conditioning of the first step `cond` and its `dt` (copies: the state owns its memory).
@@ -361,14 +376,7 @@ impl<B: Backend> Flux<B> {
             c.in_channels,
             format!("[Nc, {}]", c.in_channels),
         )?;
-        let lt = inp.txt.len() / c.context_in_dim.max(1);
-        check_len(
-            "txt",
-            inp.txt,
-            lt,
-            c.context_in_dim,
-            format!("[Lt, {}]", c.context_in_dim),
-        )?;
+        let lt = self.check_text(inp)?;
         check_len(
             "img_ids",
             inp.img_ids,
@@ -376,7 +384,6 @@ impl<B: Backend> Flux<B> {
             3,
             format!("[Nx + Nc = {}, 3]", nx + nc),
         )?;
-        check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
         // A fixed copy of every conditioning tensor: slicing all rows copies.
         let own = |t: &B::Tensor| b.slice_rows(t, 0, b.dims(t).0);
         let triple = |m: &ModulationOut<B::Tensor>| -> Result<ModulationOut<B::Tensor>> {
@@ -493,7 +500,6 @@ impl<B: Backend> Flux<B> {
         let c = &self.config;
         let b = &self.backend;
         let ni = inp.img.len() / c.in_channels.max(1);
-        let lt = inp.txt.len() / c.context_in_dim.max(1);
         check_len(
             "img",
             inp.img,
@@ -502,14 +508,7 @@ impl<B: Backend> Flux<B> {
             format!("[Ni, {}]", c.in_channels),
         )?;
         check_len("img_ids", inp.img_ids, ni, 3, format!("[Ni = {ni}, 3]"))?;
-        check_len(
-            "txt",
-            inp.txt,
-            lt,
-            c.context_in_dim,
-            format!("[Lt, {}]", c.context_in_dim),
-        )?;
-        check_len("txt_ids", inp.txt_ids, lt, 3, format!("[Lt = {lt}, 3]"))?;
+        let lt = self.check_text(inp)?;
 
         observe(b, &mut hook, || "vec".into(), &cond.vec)?; // [1, D]
         let pe = self.pe(inp.txt_ids, inp.img_ids)?; // [L, Dh]
