@@ -49,6 +49,11 @@
 // product before the next (no overlap of S(t+1) with P·V(t) inside a warpgroup, no ping-pong
 // schedule between the two warpgroups), and one block per (128 queries, head) without a
 // persistent scheduler. benches/perf_model.py models it as such.
+// Status: proven on the emulated GPU only (kernels/tests/emulator/attention_wgmma.rs, the kernel
+// check): its twins run the same source; NVRTC 12.9 builds it for sm_90a with 157 registers and
+// no spills. Never run on a real Hopper GPU: what the emulator cannot show (the real TMA and
+// wgmma timing, proxy fences, the 1024-byte placement of dynamic shared memory, checked at run
+// time) is unproven until a GPU check passes.
 // Tails: query rows ≥ L are zeros in q̂ and not stored; key rows ≥ L zero-filled and masked to −∞.
 // Limits: Dh = 128; qkv, out 16-byte aligned with row strides multiples of 8 elements (TMA needs
 //   16-byte strides); the launcher checks them and builds the two tensor maps, passed by value
@@ -127,6 +132,9 @@ extern "C" __global__ void __launch_bounds__(AWG_THREADS, 1)
     const int wg = threadIdx.x / 128;  // 0 producer, 1 and 2 consumers
 
     if (threadIdx.x == 0) {
+        // The swizzle of the q̂ stores (awg_swz) and of the TMA/wgmma agree only if every tile
+        // starts at a multiple of 1024 bytes of the window: stop rather than compute garbage.
+        if (shared_window_address(awg_smem) % 1024u != 0) __trap();
         for (int s = 0; s < AWG_STAGES; ++s) {
             mbarrier_init(&full[s], 1);
             mbarrier_init(&empty[s], AWG_CONSUMERS);

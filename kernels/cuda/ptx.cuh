@@ -958,6 +958,17 @@ __device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsig
            ((unsigned long long)((sbo_bytes >> 4) & 0x3FFFu) << 32) | (mode << 62);
 }
 
+// The shared-window address of `smem` (in dynamic shared memory): what a kernel checks when its
+// swizzled tiles assume an alignment of the window (128B swizzle: 1024 bytes) that the compiler's
+// placement of `extern __shared__` decides, not the source.
+__device__ __forceinline__ unsigned shared_window_address(const void* smem) {
+#ifdef KONTEXT_EMU
+    return ptx_emu_window(smem, 1, "shared window address");
+#else
+    return ptx_smem_u32(smem);
+#endif
+}
+
 // Orders this thread's earlier register and shared-memory accesses before the wgmmas that follow:
 // before the first wgmma, and whenever the accumulators were touched since the last one.
 __device__ __forceinline__ void wgmma_fence() {

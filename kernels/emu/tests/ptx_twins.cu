@@ -405,6 +405,8 @@ extern "C" __global__ void wgmma_rs_m64n128(const bf16* A, const bf16* B, float*
 #ifdef PTX_HAS_WGMMA
     extern __shared__ __align__(1024) unsigned char hopper_smem[];
     const int tid = threadIdx.x;
+    // The swizzled layout below is relative to a 1024-byte aligned start (as the kernels check).
+    if (shared_window_address(hopper_smem) % 1024u != 0) __trap();
     for (int e = tid; e < 128 * 64; e += 128) {
         const int n = e / 64, k = e % 64;
         *reinterpret_cast<bf16*>(hopper_smem + kmajor_offset(n, k, 128, 128, true)) = B[k * 128 + n];
