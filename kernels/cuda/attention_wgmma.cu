@@ -48,7 +48,10 @@
 // What this version does not do yet (performance, not correctness): the consumers wait for each
 // product before the next (no overlap of S(t+1) with P·V(t) inside a warpgroup, no ping-pong
 // schedule between the two warpgroups), and one block per (128 queries, head) without a
-// persistent scheduler. benches/perf_model.py models it as such.
+// persistent scheduler. benches/perf_model.py models it as such. A first try at leaving P·V(t)
+// in flight behind S(t + 1) (wait_group<1>) compiled to serialised wgmmas (ptxas C7515: a
+// non-wgmma definition of accumulators inside an open pipeline stage), so it is not in; it
+// wants a GPU to tell whether it pays at all.
 // Status: proven on the emulated GPU only (kernels/tests/emulator/attention_wgmma.rs, the kernel
 // check): its twins run the same source; NVRTC 12.9 builds it for sm_90a with 157 registers and
 // no spills. Never run on a real Hopper GPU: what the emulator cannot show (the real TMA and
