@@ -45,15 +45,17 @@
 //   to 8); a consumer holds O (64), S (32), the P fragment (16), m, l and addresses: no
 //   setmaxnreg needed at these tiles (FA3 moves registers to the consumers to afford 128-key
 //   tiles; a 64-key tile keeps S at 32).
-// What this version does not do yet (performance, not correctness): the consumers wait for each
-// product before the next (no overlap of S(t+1) with P·V(t) inside a warpgroup, no ping-pong
-// schedule between the two warpgroups), and one block per (128 queries, head) without a
-// persistent scheduler. benches/perf_model.py models it as such. A first try at leaving P·V(t)
-// in flight behind S(t + 1) (wait_group<1>) compiled to serialised wgmmas (ptxas C7515: a
-// non-wgmma definition of accumulators inside an open pipeline stage), so it is not in; it
-// wants a GPU to tell whether it pays at all.
+// Inside a warpgroup the loop is software-pipelined: S(t + 1) is issued right behind P·V(t), so
+// the tensor cores go from one product to the next without draining; both are retired before
+// the softmax of tile t + 1, so every wgmma stage closes inside its iteration (a stage left open
+// across the loop's back edge made ptxas serialise the wgmmas, C7515). What this version does
+// not do (performance, not correctness): the softmax of one tile does not overlap that warpgroup's
+// own products (FA3 keeps two S tiles for it, with setmaxnreg to afford them), no explicit
+// ping-pong schedule between the two consumer warpgroups (they interleave as the warp schedulers
+// pick), one block per (128 queries, head) without a persistent scheduler. benches/perf_model.py
+// models it at the issue's 450 TFLOP/s target: a prediction.
 // Status: proven on the emulated GPU only (kernels/tests/emulator/attention_wgmma.rs, the kernel
-// check): its twins run the same source; NVRTC 12.9 builds it for sm_90a with 157 registers and
+// check): its twins run the same source; NVRTC 12.9 builds it for sm_90a with 150 registers and
 // no spills. Never run on a real Hopper GPU: what the emulator cannot show (the real TMA and
 // wgmma timing, proxy fences, the 1024-byte placement of dynamic shared memory, checked at run
 // time) is unproven until a GPU check passes.
@@ -111,6 +113,79 @@ __device__ __forceinline__ unsigned awg_swz(int r, int b) {
 __device__ __forceinline__ unsigned awg_pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&v);
+}
+
+// The wgmma descriptors of the vᵀ tile in stage `s` for the four k16 steps of P·V (awg_descs_v),
+// of q̂ (A) and the stage's k̂ tile (B) for the eight of S = q̂·k̂ᵀ (awg_descs): 128B-swizzled
+// K-major boxes of 128-byte rows (SBO 1024; a later K-slice of an atom row: start + 32 bytes).
+__device__ __forceinline__ void awg_descs_v(unsigned char* stages, int s,
+                                            unsigned long long (&dv)[4]) {
+    unsigned char* st = stages + s * AWG_STAGE_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+        dv[kk] = wgmma_desc(st + 2 * AWG_HALF_BYTES + 32 * kk, 16, 1024, WGMMA_SWIZZLE_128B);
+}
+
+__device__ __forceinline__ void awg_descs(unsigned char* myq, unsigned char* stages, int s,
+                                          unsigned long long (&dq)[8],
+                                          unsigned long long (&dk)[8]) {
+    unsigned char* st = stages + s * AWG_STAGE_BYTES;
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk) {
+        dq[kk] = wgmma_desc(myq + (kk / 4) * AWG_HALF_BYTES + 32 * (kk % 4), 16, 1024,
+                            WGMMA_SWIZZLE_128B);
+        dk[kk] = wgmma_desc(st + (kk / 4) * AWG_HALF_BYTES + 32 * (kk % 4), 16, 1024,
+                            WGMMA_SWIZZLE_128B);
+    }
+}
+
+// Online softmax of one tile's S fragments (attention_mma.cu's): mask keys ≥ L, update the row
+// maxima m and partial sums l, rescale O, and the probabilities as the A fragments of P·V
+// (d[8kk + 0,1] → a[0], d[8kk + 2,3] → a[1], d[8kk + 4,5] → a[2], d[8kk + 6,7] → a[3]).
+__device__ __forceinline__ void awg_softmax(float (&sc)[32], unsigned (&pa)[4][4], float (&o)[64],
+                                            float (&m)[2], float (&l)[2], int k0, int L, int t4,
+                                            float sl2) {
+    const bool tail = k0 + AWG_BK > L;
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float x = sc[4 * i + j] * sl2;
+            if (tail && k0 + 8 * i + 2 * t4 + (j & 1) >= L) x = NEG_INF;
+            sc[4 * i + j] = x;
+            mx[j >> 1] = fmaxf(mx[j >> 1], x);
+        }
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
+        // Key k0 < L is in every tile, so mx is finite; m is −∞ only before the first tile,
+        // where the correction is exp2(−∞) = 0.
+        corr[r] = exp2f(m[r] - mx[r]);
+        m[r] = mx[r];
+        l[r] *= corr[r];
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float p = exp2f(sc[4 * i + j] - m[j >> 1]);  // 0 for masked keys
+            sc[4 * i + j] = p;
+            l[j >> 1] += p;
+        }
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        pa[kk][0] = awg_pack(sc[8 * kk + 0], sc[8 * kk + 1]);
+        pa[kk][1] = awg_pack(sc[8 * kk + 2], sc[8 * kk + 3]);
+        pa[kk][2] = awg_pack(sc[8 * kk + 4], sc[8 * kk + 5]);
+        pa[kk][3] = awg_pack(sc[8 * kk + 6], sc[8 * kk + 7]);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[4 * i + j] *= corr[j >> 1];
 }
 #endif
 
@@ -200,88 +275,59 @@ extern "C" __global__ void __launch_bounds__(AWG_THREADS, 1)
     float m[2] = {NEG_INF, NEG_INF};
     float l[2] = {0.0f, 0.0f};  // this thread's partial row sums (the quad's added at the end)
 
-    for (int t = 0; t < ntiles; ++t) {
-        const int s = t % AWG_STAGES;
-        unsigned char* st = stages + s * AWG_STAGE_BYTES;
-        // Descriptors first: the batch of wgmmas stays straight-line code.
-        unsigned long long dq[8], dk[8], dv[4];
+    // Software-pipelined over the key tiles: S(t + 1) is issued right behind P·V(t), so the
+    // tensor cores go from one product to the next without draining, and every wgmma stage
+    // closes inside its iteration (a stage open across the loop's back edge makes ptxas
+    // serialise the wgmmas, C7515). Everything that branches or spins (the full barrier's wait)
+    // happens while no wgmma is in flight.
+    float sc[32];
+    unsigned long long dq[8], dk[8];
+    awg_descs(myq, stages, 0, dq, dk);
+    mbarrier_wait_parity(&full[0], 0u);
+    wgmma_fence_operand(sc);
+    wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 8; ++kk) {
-            dq[kk] = wgmma_desc(myq + (kk / 4) * AWG_HALF_BYTES + 32 * (kk % 4), 16, 1024,
-                                WGMMA_SWIZZLE_128B);
-            dk[kk] = wgmma_desc(st + (kk / 4) * AWG_HALF_BYTES + 32 * (kk % 4), 16, 1024,
-                                WGMMA_SWIZZLE_128B);
-        }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-            dv[kk] = wgmma_desc(st + 2 * AWG_HALF_BYTES + 32 * kk, 16, 1024, WGMMA_SWIZZLE_128B);
-        mbarrier_wait_parity(&full[s], (unsigned)(t / AWG_STAGES) & 1u);
-
-        // S = q̂·k̂ᵀ: 64 × 64 per warpgroup.
-        float sc[32];
-        wgmma_fence_operand(sc);
+    for (int kk = 0; kk < 8; ++kk) wgmma_m64nNk16_bf16_f32<64>(sc, dq[kk], dk[kk], kk > 0);
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+    wgmma_fence_operand(sc);
+    for (int t = 0; t + 1 < ntiles; ++t) {
+        unsigned pa[4][4];
+        awg_softmax(sc, pa, o, m, l, t * AWG_BK, L, t4, sl2);
+        // This tile's vᵀ, the next tile's k̂: descriptors, and the next stage landed.
+        const int sn = (t + 1) % AWG_STAGES;
+        awg_descs(myq, stages, sn, dq, dk);
+        unsigned long long dvt[4];
+        awg_descs_v(stages, t % AWG_STAGES, dvt);
+        mbarrier_wait_parity(&full[sn], (unsigned)((t + 1) / AWG_STAGES) & 1u);
+        wgmma_fence_operand(o);
         wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_bf16_f32_rs(o, pa[kk], dvt[kk], 1);
+        wgmma_commit_group();
 #pragma unroll
         for (int kk = 0; kk < 8; ++kk) wgmma_m64nNk16_bf16_f32<64>(sc, dq[kk], dk[kk], kk > 0);
         wgmma_commit_group();
         wgmma_wait_group<0>();
+        wgmma_fence_operand(o);
         wgmma_fence_operand(sc);
-
-        // Online softmax, as attention_mma.cu's.
-        const int k0 = t * AWG_BK;
-        const bool tail = k0 + AWG_BK > L;
-        float mx[2] = {m[0], m[1]};
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                float x = sc[4 * i + j] * sl2;
-                if (tail && k0 + 8 * i + 2 * t4 + (j & 1) >= L) x = NEG_INF;
-                sc[4 * i + j] = x;
-                mx[j >> 1] = fmaxf(mx[j >> 1], x);
-            }
-        float corr[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(FULL_MASK, mx[r], 2));
-            // Key k0 < L is in every tile, so mx is finite; m is −∞ only before the first tile,
-            // where the correction is exp2(−∞) = 0.
-            corr[r] = exp2f(m[r] - mx[r]);
-            m[r] = mx[r];
-            l[r] *= corr[r];
-        }
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float p = exp2f(sc[4 * i + j] - m[j >> 1]);  // 0 for masked keys
-                sc[4 * i + j] = p;
-                l[j >> 1] += p;
-            }
-        // P as the A fragments of the four k16 steps over this tile's keys.
+        mbarrier_arrive(&empty[t % AWG_STAGES]);  // done with tile t's k̂ and vᵀ
+    }
+    {
+        // The last tile: its P·V alone.
+        const int t = ntiles - 1;
         unsigned pa[4][4];
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            pa[kk][0] = awg_pack(sc[8 * kk + 0], sc[8 * kk + 1]);
-            pa[kk][1] = awg_pack(sc[8 * kk + 2], sc[8 * kk + 3]);
-            pa[kk][2] = awg_pack(sc[8 * kk + 4], sc[8 * kk + 5]);
-            pa[kk][3] = awg_pack(sc[8 * kk + 6], sc[8 * kk + 7]);
-        }
-#pragma unroll
-        for (int i = 0; i < 16; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j) o[4 * i + j] *= corr[j >> 1];
-
-        // O += P·V (B = vᵀ tile, K-major over the keys).
+        awg_softmax(sc, pa, o, m, l, t * AWG_BK, L, t4, sl2);
+        unsigned long long dvt[4];
+        awg_descs_v(stages, t % AWG_STAGES, dvt);
         wgmma_fence_operand(o);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_bf16_f32_rs(o, pa[kk], dv[kk], 1);
+        for (int kk = 0; kk < 4; ++kk) wgmma_m64n128k16_bf16_f32_rs(o, pa[kk], dvt[kk], 1);
         wgmma_commit_group();
         wgmma_wait_group<0>();
         wgmma_fence_operand(o);
-        mbarrier_arrive(&empty[s]);  // this thread is done with the stage's k̂ and vᵀ
+        mbarrier_arrive(&empty[t % AWG_STAGES]);
     }
 
     // Epilogue: the quad's row sums, normalise, store bf16 pairs.
