@@ -28,7 +28,11 @@ Assumptions (each replaceable by a measurement; benches/ceilings.json `measured`
     64x128 at 0.80 (smaller tiles re-read operands more per FLOP); the shortest predicted schedule
     is taken, as the heuristic would;
   - attention: tensor-core kernels run 128 queries x 1 head per tile, one tile per SM, at their
-    targets (issue 13: mma.sync 300, Hopper wgmma 450 TFLOP/s); the plain CUDA-core kernel
+    targets (issue 13: mma.sync 300, Hopper wgmma 450 TFLOP/s; a PREDICTION for the Hopper kernel
+    as built, attention_wgmma.cu: 128 queries x 1 head per block, 64-key tiles in a 3-stage TMA
+    ring, its two products not yet overlapped, never timed on a GPU). The Hopper path also pays
+    the vT pass its P.V operand needs (elementwise.cu's transpose of v: read + write L x D bf16
+    per attention, ~53 MB per layer at 8,704 tokens); the k pass is counted in qk_norm_rope. The plain CUDA-core kernel
     (kernels/cuda/attention.cu) runs 16 queries x 1 head per CTA, 9 CTAs per SM (shared memory),
     bound by shared-memory wavefronts: per query and 32-key tile it issues Dh/2 k loads, Dh/2 q
     loads and Dh v loads (2 Dh wavefronts, one per clock per SM) for 4 * 32 * Dh FLOPs: 64 FLOP per
@@ -311,6 +315,12 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
         ks.append(elementwise(name, count, rows * 2 * d, read=BF16, write=BF16, flops_per_elem=10,
                               extra_read=rows * cfg.attention_head_dim * 4))
 
+    def v_transpose(name, count, rows):
+        # The Hopper kernel's P.V operand: v [L, D] of the qkv buffer written as vT [D, L].
+        if path.attention == "hopper":
+            ks.append(elementwise(name, count, rows * d, read=BF16, write=BF16, flops_per_elem=0,
+                                  group="v_transpose"))
+
     def copy(name, count, elems):
         if not path.fused:
             ks.append(elementwise(name, count, elems, read=BF16, write=BF16, flops_per_elem=0, group="copy"))
@@ -350,6 +360,7 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
     copy("double.concat_qkv", nd, seq * 3 * d)
     copy("double.slice_attn", nd, seq * d)
     ks.append(attention("double.attention", nd, seq, cfg, path.attention))
+    v_transpose("double.v_transpose", nd, seq)
 
     # single-stream blocks over the joint sequence
     copy("concat txt|img, slice img", 1, seq * d + ni * d)
@@ -357,6 +368,7 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
     block_gemm("single.linear1", ns, seq, 3 * d + m, d, gelu=True)
     qk_norm_rope("single.qk_norm_rope", ns, seq)
     ks.append(attention("single.attention", ns, seq, cfg, path.attention))
+    v_transpose("single.v_transpose", ns, seq)
     copy("single.slice_mlp", ns, seq * m)
     if not path.fused:
         ks.append(elementwise("single.gelu", ns, seq * m, read=BF16, write=BF16, flops_per_elem=15))
@@ -479,6 +491,10 @@ def consistency(cfg: FluxConfig, tokens: tuple, card: Card, path: Path, ks: list
     blk_w = sum(k.count * (k.w_bytes - k.mnk[1] * BF16) for k in blk)  # less the bias
     want_w = (cfg.num_layers * 2 + cfg.num_single_layers) * block_gemm_weights(cfg) * wb
     out.append(("block GEMM weight bytes = Wblk x 76 streams", close(blk_w, want_w), ""))
+    att_n = sum(k.count for k in ks if k.group == "attention")
+    vt_n = sum(k.count for k in ks if k.group == "v_transpose")
+    out.append(("one vT pass per Hopper attention", vt_n == (att_n if path.attention == "hopper" else 0),
+                f"{vt_n} passes, {att_n} attentions"))
     low = [k.name for k, s in rows if s["time"] < s["roofline"] * (1 - 1e-9)]
     out.append(("every kernel >= its roofline", not low, ", ".join(low[:3])))
     bad_eff = [k.name for k, s in rows if not 0 < s["wave_eff"] <= 1]
@@ -525,6 +541,8 @@ def check(cards: dict, cfg: FluxConfig = KONTEXT_DEV) -> list:
            lambda ks: ks.remove(next(k for k in ks if k.name.startswith("single.linear2"))))
     mutant("double attention once per step", "attention FLOPs = flops.py attention",
            lambda ks: setattr(next(k for k in ks if k.name == "double.attention"), "count", 1))
+    mutant("the single blocks' vT pass left out", "one vT pass per Hopper attention",
+           lambda ks: ks.remove(next(k for k in ks if k.name == "single.v_transpose")))
     mutant("final layer on the target rows only", "embed + final FLOPs = flops.py embed + the context rows' proj_out",
            lambda ks: ks.__setitem__(ks.index(next(k for k in ks if k.name == "final.linear")),
                                      gemm("final.linear", 1, tokens[1], 64, cfg.hidden, card, group="final")))

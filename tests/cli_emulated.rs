@@ -204,12 +204,44 @@ fn head_dim_128_edit_on_the_emulated_gpu_gives_the_cpu_image_within_the_bf16_tol
             .as_u64()
             .unwrap();
     let want = blocks * case["num_inference_steps"].as_u64().unwrap();
-    assert_eq!(launches["attention_mma_d128"], want, "{launches}");
+    // The emulated device is sm_90 (KONTEXT_EMU_CC defaults to 9.0): the Hopper kernel, after
+    // the k pass and the vᵀ transpose; the mma.sync kernel not at all.
+    assert_eq!(launches["attention_wgmma_d128"], want, "{launches}");
     assert_eq!(launches["attention_mma_k_norm_rope"], want, "{launches}");
+    assert!(launches.get("attention_mma_d128").is_none(), "{launches}");
     assert!(launches.get("qk_norm_rope").is_none(), "{launches}");
+    // An sm_80 device takes the mma.sync kernel for the same request, to the same image.
+    let sm80_png = d.path().join("gpu_sm80.png");
+    let g80 = run(
+        &model,
+        "cuda",
+        &sm80_png,
+        &[("KONTEXT_EMU_CC", "8.0")],
+        &args,
+    );
+    assert!(
+        g80.status.success(),
+        "{}",
+        String::from_utf8_lossy(&g80.stderr)
+    );
+    let summary80: serde_json::Value = serde_json::from_slice(&g80.stdout).unwrap();
+    let launches80 = &summary80["launches"];
+    assert_eq!(launches80["attention_mma_d128"], want, "{launches80}");
+    assert!(
+        launches80.get("attention_wgmma_d128").is_none(),
+        "{launches80}"
+    );
     let c = run(&model, "cpu", &cpu_png, &[], &args);
     assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
     let (max, mean) = pixel_diff(&gpu_png, &cpu_png);
+    let (max80, mean80) = pixel_diff(&sm80_png, &cpu_png);
+    eprintln!(
+        "head dim 128, emulated sm_80 (mma.sync) vs CPU: max {max80} levels, mean {mean80:.2}"
+    );
+    assert!(
+        max80 <= MAX_LEVELS && mean80 <= MAX_MEAN_LEVELS,
+        "sm_80: max {max80}, mean {mean80}"
+    );
     let (dmax, dmean) = pixel_diff(&cpu_png, &dh128().join("edit_expected.png"));
     eprintln!(
         "head dim 128, emulated GPU vs CPU: max {max} levels, mean {mean:.2} ({gpu_s:.0} s emulated); CPU vs diffusers: max {dmax}, mean {dmean:.3}"

@@ -603,10 +603,23 @@ fn ck_attention_fused(
     }
     let ran =
         |name: &str| after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0);
-    let fast = format!("attention_mma_d{hd}");
+    // Head dim 128 on sm_90 takes the Hopper kernel, the other fast cases the mma.sync one.
+    let cc = c.cuda.gpu().map(|g| g.info.compute_capability);
+    let hopper = cc.is_some_and(|cc| kontext_kernels::attention_wgmma::supports(hd, cc).is_ok());
+    let fast = if hopper {
+        "attention_wgmma_d128".to_string()
+    } else {
+        format!("attention_mma_d{hd}")
+    };
+    let other = if hopper {
+        format!("attention_mma_d{hd}")
+    } else {
+        "attention_wgmma_d128".to_string()
+    };
     let seen = format!(
-        "{fast} {}, attention_mma_k_norm_rope {}, attention {}, qk_norm_rope {}",
+        "{fast} {}, {other} {}, attention_mma_k_norm_rope {}, attention {}, qk_norm_rope {}",
         ran(&fast),
+        ran(&other),
         ran("attention_mma_k_norm_rope"),
         ran("attention"),
         ran("qk_norm_rope")
@@ -614,6 +627,7 @@ fn ck_attention_fused(
     let expect_fast = kontext_kernels::attention_mma::HEAD_DIMS.contains(&hd) && w % 8 == 0;
     let as_expected = if expect_fast {
         ran(&fast) == 1
+            && ran(&other) == 0
             && ran("attention_mma_k_norm_rope") == 1
             && ran("attention") == 0
             && ran("qk_norm_rope") == 0

@@ -831,13 +831,26 @@ static inline float ptx_emu_wgmma_elem(const PtxEmuDesc& s, unsigned r, unsigned
     return emu_bf16_to_f32(v);
 }
 
+// `a_regs`: null for A from shared memory (desc_a), else this thread's four registers of the A
+// fragment (wgmma with A in registers; desc_a unused).
 static inline void ptx_emu_wgmma_bf16(float* d, unsigned n, unsigned long long desc_a,
-                                      unsigned long long desc_b, int scale_d, const char* op) {
+                                      unsigned long long desc_b, int scale_d, const char* op,
+                                      const unsigned* a_regs = nullptr) {
     EmuThread* self = __emu_rt->current();
+    // A from registers: every thread's fragment, gathered before anything else (a collective of
+    // the warpgroup, as the instruction itself is).
+    struct AFrag {
+        unsigned r[4];
+    } a_mine = {{0, 0, 0, 0}}, a_all[128];
+    if (a_regs) {
+        for (int i = 0; i < 4; ++i) a_mine.r[i] = a_regs[i];
+        __emu_rt->group_exchange(4, &a_mine, a_all, sizeof(AFrag));
+    }
     PtxEmuWgmmaQueue* q = &ptx_emu_block()->wg[self->linear];
     if (!q->fenced)
         ptx_emu_failf(op, "no wgmma_fence (wgmma.fence) before this thread's first wgmma", d);
-    const PtxEmuDesc a = ptx_emu_desc(desc_a, op), b = ptx_emu_desc(desc_b, op);
+    const PtxEmuDesc a = a_regs ? PtxEmuDesc{0, 0, 0, 0} : ptx_emu_desc(desc_a, op);
+    const PtxEmuDesc b = ptx_emu_desc(desc_b, op);
     const unsigned regs = n / 2;
     // C: a result still in flight for these accumulators (chained wgmmas), else their values.
     float c[128];
@@ -854,8 +867,22 @@ static inline void ptx_emu_wgmma_bf16(float* d, unsigned n, unsigned long long d
     }
     const unsigned w = self->warp % 4, g = self->lane >> 2, t = self->lane & 3u;
     float arow[2][16], bcol[16];
-    for (unsigned h = 0; h < 2; ++h)
-        for (unsigned k = 0; k < 16; ++k) arow[h][k] = ptx_emu_wgmma_elem(a, 16 * w + g + 8 * h, k, op, "A");
+    if (a_regs) {
+        // The A fragment of mma.m16n8k16 per warp (rows 16w + …): register i/2 of lane 4g' + t'
+        // holds row g' + 8·(i ∈ {2,3,6,7}), column 2t' + (i & 1) + 8·(i ≥ 4), low half first.
+        for (unsigned tt = 0; tt < 4; ++tt) {
+            const AFrag& f = a_all[32 * w + 4 * g + tt];
+            for (unsigned i = 0; i < 8; ++i) {
+                const unsigned r = f.r[i / 2];
+                const unsigned h = (i & 2u) ? 1u : 0u, col = 2 * tt + (i & 1u) + (i >= 4 ? 8u : 0u);
+                arow[h][col] = (i & 1u) ? ptx_emu_bf16_hi(r) : ptx_emu_bf16_lo(r);
+            }
+        }
+    } else {
+        for (unsigned h = 0; h < 2; ++h)
+            for (unsigned k = 0; k < 16; ++k)
+                arow[h][k] = ptx_emu_wgmma_elem(a, 16 * w + g + 8 * h, k, op, "A");
+    }
     if (q->count == q->cap) {
         const unsigned cap = q->cap ? 2 * q->cap : 4;
         void* grown = realloc(q->items, cap * sizeof(PtxEmuWgmmaOp));
@@ -881,7 +908,7 @@ static inline void ptx_emu_wgmma_bf16(float* d, unsigned n, unsigned long long d
         unsigned long long a, b;
         int scale_d;
         unsigned n;
-    } mine = {desc_a, desc_b, scale_d != 0, n}, all[128];
+    } mine = {a_regs ? 0ull : desc_a, desc_b, scale_d != 0, n}, all[128];
     __emu_rt->group_exchange(4, &mine, all, sizeof(Uniform));
     for (unsigned i = 0; i < 128; ++i)
         if (all[i].a != mine.a || all[i].b != mine.b || all[i].scale_d != mine.scale_d ||
@@ -929,6 +956,17 @@ __device__ __forceinline__ unsigned long long wgmma_desc(const void* smem, unsig
     return (unsigned long long)((addr & 0x3FFFFu) >> 4) |
            ((unsigned long long)((lbo_bytes >> 4) & 0x3FFFu) << 16) |
            ((unsigned long long)((sbo_bytes >> 4) & 0x3FFFu) << 32) | (mode << 62);
+}
+
+// The shared-window address of `smem` (in dynamic shared memory): what a kernel checks when its
+// swizzled tiles assume an alignment of the window (128B swizzle: 1024 bytes) that the compiler's
+// placement of `extern __shared__` decides, not the source.
+__device__ __forceinline__ unsigned shared_window_address(const void* smem) {
+#ifdef KONTEXT_EMU
+    return ptx_emu_window(smem, 1, "shared window address");
+#else
+    return ptx_smem_u32(smem);
+#endif
 }
 
 // Orders this thread's earlier register and shared-memory accesses before the wgmmas that follow:
@@ -1066,6 +1104,39 @@ __device__ __forceinline__ void wgmma_m64nNk16_bf16_f32<256>(float (&d)[128],
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
         : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
+// D (+)= A·B for m64n128k16 with A (64×16 bf16) from registers: each warp w of the warpgroup
+// gives rows 16w … 16w + 15 in exactly the A fragment of mma_m16n8k16_bf16 (a[r] holds elements
+// 2r, 2r+1: row g + 8·(element ∈ {2,3,6,7}), column 2t + (element & 1) + 8·(element ≥ 4)); PTX
+// ISA "Register Fragments: wgmma .m64nNk16", matrix A. So the f32 D fragment of one wgmma,
+// rounded in pairs, is the A fragment of the next: d[8j + 0,1] → a[0], d[8j + 2,3] → a[1],
+// d[8j + 4,5] → a[2], d[8j + 6,7] → a[3] for the K-columns 16j … 16j + 15 of the first product's
+// N. B from shared memory as above (K-major). The registers are read when the instruction is
+// issued on the twin; on a GPU they must not change until the wait (keep them live).
+__device__ __forceinline__ void wgmma_m64n128k16_bf16_f32_rs(float (&d)[64], const unsigned (&a)[4],
+                                                             unsigned long long desc_b, int scale_d) {
+#ifdef KONTEXT_EMU
+    ptx_emu_wgmma_bf16(d, 128, 0, desc_b, scale_d, "wgmma.mma_async.m64n128k16.f32.bf16.bf16 (A in registers)", a);
+#else
+    asm volatile(
+        "{\n .reg .pred p;\n setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 #endif
 }
 

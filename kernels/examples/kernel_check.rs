@@ -668,9 +668,49 @@ fn check_attention_mma(c: &mut Check) -> R<()> {
         (256, 2, 128, 0, 100, 0),
         (600, 24, 128, 12288, 600, 0),
     ];
-    for (l, heads, hd, extra, split, row0) in cases {
+    for case in cases {
+        fused_attention_case(c, case, false)?;
+    }
+    Ok(())
+}
+
+fn check_attention_wgmma(c: &mut Check) -> R<()> {
+    if let Err(e) = kontext_kernels::attention_wgmma::supports(128, c.gpu.info.compute_capability) {
+        println!("attention_wgmma: skipped ({e})");
+        return Ok(());
+    }
+    // Head dim 128 only. One query; fewer keys than a tile (three heads, the second consumer
+    // warpgroup without rows); two query blocks; five key tiles (the 3-stage ring wraps); a
+    // tile-aligned length; a single block's linear1 buffer at Flux width.
+    let cases: [(usize, usize, usize, usize, usize, usize); 6] = [
+        (1, 1, 128, 0, 1, 0),
+        (37, 3, 128, 8, 20, 3),
+        (130, 1, 128, 0, 77, 5),
+        (257, 3, 128, 0, 100, 0),
+        (512, 2, 128, 0, 512, 0),
+        (600, 24, 128, 12288, 600, 0),
+    ];
+    for case in cases {
+        fused_attention_case(c, case, true)?;
+    }
+    Ok(())
+}
+
+/// One case of the fused attention (QKNorm + RoPE + attention) on the mma.sync kernel or, with
+/// `wgmma`, the Hopper one (whose vᵀ scratch is checked too).
+fn fused_attention_case(
+    c: &mut Check,
+    (l, heads, hd, extra, split, row0): (usize, usize, usize, usize, usize, usize),
+    wgmma: bool,
+) -> R<()> {
+    let name = if wgmma {
+        "attention_wgmma"
+    } else {
+        "attention_mma"
+    };
+    {
         if c.small && l * heads > 1024 {
-            continue;
+            return Ok(());
         }
         let d = heads * hd;
         let w = 3 * d + extra;
@@ -705,7 +745,15 @@ fn check_attention_mma(c: &mut Check) -> R<()> {
             pe_row0: row0,
             eps: 1e-6,
         };
-        c.k.attention_mma(&dx, &p, &out)?;
+        let mut vt_got = None;
+        if wgmma {
+            let (rows, cols, ld) = kontext_kernels::attention_wgmma::vt_shape(l, heads);
+            let vt = c.out(rows, ld)?.cols_range(0, cols)?;
+            c.k.attention_wgmma(&dx, &p, &vt, &out)?;
+            vt_got = Some(c.read(&vt)?);
+        } else {
+            c.k.attention_mma(&dx, &p, &out)?;
+        }
         let got = c.read(&out)?;
         let got_qkv = c.read(&dx)?;
         let normed = ref_qk_norm_rope(
@@ -749,7 +797,7 @@ fn check_attention_mma(c: &mut Check) -> R<()> {
         };
         // bf16 q̂, k̂ and P into f32 products, one bf16 rounding: ‖e‖/‖r‖ ≈ 2e-3 measured.
         c.compare(
-            "attention_mma",
+            name,
             &format!("L{l} H{heads} Dh{hd} W{w} split{split} pe+{row0}{sampled}"),
             &got_rows,
             &want,
@@ -761,7 +809,7 @@ fn check_attention_mma(c: &mut Check) -> R<()> {
             .flat_map(|r| (r * w + d..r * w + 2 * d).map(|i| (got_qkv[i], normed[i])))
             .unzip();
         c.compare(
-            "attention_mma (k̂ in place)",
+            &format!("{name} (k̂ in place)"),
             &format!("[{l}, {d}]"),
             &k_got,
             &k_want,
@@ -778,12 +826,20 @@ fn check_attention_mma(c: &mut Check) -> R<()> {
             })
             .unzip();
         c.compare(
-            "attention_mma (q, v, rest)",
+            &format!("{name} (q, v, rest)"),
             &format!("[{l}, {}]", w - d),
             &rest_got,
             &rest_want,
             Tol::Exact,
         );
+        // vᵀ: v transposed bit for bit.
+        if let Some(vt) = vt_got {
+            let vt_want: Vec<f64> = (0..d)
+                .flat_map(|r| (0..l).map(move |j| (r, j)))
+                .map(|(r, j)| x[j * w + 2 * d + r] as f64)
+                .collect();
+            c.compare(name, &format!("vT [{d}, {l}]"), &vt, &vt_want, Tol::Exact);
+        }
     }
     Ok(())
 }
@@ -1680,6 +1736,17 @@ fn timings(c: &mut Check) -> R<Vec<(String, String, f64, String)>> {
         ms,
         tfs(4.0 * (l * l * d) as f64, ms),
     ));
+    if kontext_kernels::attention_wgmma::supports(128, c.gpu.info.compute_capability).is_ok() {
+        let (vr, vc, vld) = kontext_kernels::attention_wgmma::vt_shape(l, 24);
+        let vt = c.out(vr, vld)?.cols_range(0, vc)?;
+        let ms = time_ms(c, 3, || Ok(c.k.attention_wgmma(&h, &p, &vt, &attn)?))?;
+        rows.push((
+            "attention_wgmma (+k̂, vᵀ)".into(),
+            format!("L{l} H24 Dh128"),
+            ms,
+            tfs(4.0 * (l * l * d) as f64, ms),
+        ));
+    }
     let mlp = h.cols_range(9216, 21504)?;
     let ms = time_ms(c, 10, || Ok(c.k.unary(Unary::GeluTanh, &mlp, &mlp)?))?;
     rows.push((
@@ -1835,11 +1902,12 @@ fn run(opts: Opts) -> R<bool> {
         small: opts.small,
     };
     type Step = fn(&mut Check) -> R<()>;
-    let steps: [(&str, Step); 12] = [
+    let steps: [(&str, Step); 13] = [
         ("norms", check_norms),
         ("qk_norm_rope", check_qk_norm_rope),
         ("attention", check_attention),
         ("attention_mma", check_attention_mma),
+        ("attention_wgmma", check_attention_wgmma),
         ("elementwise", check_elementwise),
         ("fp8", check_fp8),
         ("fp8 activations", check_fp8_activations),

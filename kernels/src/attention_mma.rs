@@ -85,7 +85,7 @@ pub const fn smem_bytes(dh: usize) -> u32 {
 }
 
 pub(crate) struct Functions {
-    k_norm_rope: Loaded,
+    pub(crate) k_norm_rope: Loaded,
     d64: Loaded,
     d128: Loaded,
 }

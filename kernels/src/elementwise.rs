@@ -138,7 +138,7 @@ pub(crate) struct Functions {
     cast_f32_bf16: Loaded,
     cast_bf16_f32: Loaded,
     gather_rows: Loaded,
-    transpose: Loaded,
+    pub(crate) transpose: Loaded,
     euler_step: Loaded,
 }
 

@@ -24,7 +24,20 @@ pub enum Arg {
     I32,
     /// `float`: scales, epsilons.
     F32,
+    /// `const __grid_constant__ CUtensorMap`: a TMA tensor map, 128 bytes by value (the launch
+    /// copies it, so a captured CUDA graph replays it without a host buffer that must outlive
+    /// the capture).
+    TensorMap,
 }
+
+/// A TMA tensor map (`cuTensorMapEncodeTiled`'s output) as a kernel parameter by value.
+#[derive(Debug, Clone, Copy)]
+#[repr(transparent)]
+pub struct TensorMap(pub cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: plain 128 bytes (16 × u64, 128-byte aligned), the kernel parameter's exact layout
+// (`CUtensorMap`, a `__grid_constant__` by-value struct).
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
 
 /// One `extern "C" __global__` function: its name and parameter kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +115,13 @@ impl<'a> Launch<'a> {
         self
     }
 
+    /// A `const __grid_constant__ CUtensorMap` parameter.
+    pub(crate) fn tensor_map(&mut self, v: &'a TensorMap) -> &mut Self {
+        self.pushed.push(Arg::TensorMap);
+        self.args.arg(v);
+        self
+    }
+
     /// Launches on the GPU's stream after checking the pushed kinds against the signature;
     /// then, with `KONTEXT_CUDA_SYNC=1`, waits and names the kernel on a fault.
     ///
@@ -151,7 +171,10 @@ pub fn parse_params(list: &str) -> Option<Vec<Arg>> {
     }
     list.split(',')
         .map(|p| {
-            let p = p.replace("__restrict__", " ").replace("const", " ");
+            let p = p
+                .replace("__restrict__", " ")
+                .replace("__grid_constant__", " ")
+                .replace("const", " ");
             if p.contains('*') {
                 return Some(Arg::Ptr);
             }
@@ -161,6 +184,7 @@ pub fn parse_params(list: &str) -> Option<Vec<Arg>> {
                 "i64" | "long long" | "int64_t" => Some(Arg::I64),
                 "int" | "int32_t" => Some(Arg::I32),
                 "float" => Some(Arg::F32),
+                "CUtensorMap" => Some(Arg::TensorMap),
                 _ => None,
             }
         })
@@ -180,6 +204,10 @@ mod tests {
         assert_eq!(
             parse_params("const unsigned char* in, long long n"),
             Some(vec![Arg::Ptr, Arg::I64])
+        );
+        assert_eq!(
+            parse_params("const __grid_constant__ CUtensorMap map, int n"),
+            Some(vec![Arg::TensorMap, Arg::I32])
         );
         assert_eq!(parse_params("double x"), None);
         assert_eq!(parse_params(""), Some(vec![]));

@@ -21,6 +21,7 @@
 pub mod arena;
 pub mod attention;
 pub mod attention_mma;
+pub mod attention_wgmma;
 pub mod cache;
 pub mod conv;
 pub mod desc;
@@ -75,12 +76,13 @@ pub const PTX_CUH: &str = include_str!("../cuda/ptx.cuh");
 /// compiled into the binary, so a carried binary needs no source tree.
 pub const HEADERS: [(&str, &str); 2] = [("common.cuh", COMMON_CUH), ("ptx.cuh", PTX_CUH)];
 
-/// Every kernel family (what the NVRTC test compiles; `Kernels::load` loads the same eight).
-pub const FAMILIES: [Family; 8] = [
+/// Every kernel family (what the NVRTC test compiles; `Kernels::load` loads the same nine).
+pub const FAMILIES: [Family; 9] = [
     norm_modulate::FAMILY,
     qk_norm_rope::FAMILY,
     attention::FAMILY,
     attention_mma::FAMILY,
+    attention_wgmma::FAMILY,
     elementwise::FAMILY,
     fp8::FAMILY,
     conv::FAMILY,
@@ -110,6 +112,7 @@ pub struct Kernels {
     qk: qk_norm_rope::Functions,
     attn: attention::Functions,
     amma: attention_mma::Functions,
+    awg: attention_wgmma::Functions,
     ew: elementwise::Functions,
     fp8: fp8::Functions,
     conv: conv::Functions,
@@ -154,6 +157,7 @@ impl Kernels {
         let qk = qk_norm_rope::Functions::resolve(&load(&qk_norm_rope::FAMILY)?)?;
         let attn = attention::Functions::resolve(&load(&attention::FAMILY)?)?;
         let amma = attention_mma::Functions::resolve(&load(&attention_mma::FAMILY)?)?;
+        let awg = attention_wgmma::Functions::resolve(&load(&attention_wgmma::FAMILY)?)?;
         let ew = elementwise::Functions::resolve(&load(&elementwise::FAMILY)?)?;
         let fp8 = fp8::Functions::resolve(&load(&fp8::FAMILY)?)?;
         let conv = conv::Functions::resolve(&load(&conv::FAMILY)?)?;
@@ -165,6 +169,7 @@ impl Kernels {
             qk,
             attn,
             amma,
+            awg,
             ew,
             fp8,
             conv,
@@ -195,6 +200,7 @@ impl Kernels {
         all.extend(self.qk.loaded());
         all.extend(self.attn.loaded());
         all.extend(self.amma.loaded());
+        all.extend(self.awg.loaded());
         all.extend(self.ew.loaded());
         all.extend(self.fp8.loaded());
         all.extend(self.conv.loaded());
@@ -299,6 +305,18 @@ mod tests {
             define(m, "AMMA_KNR_THREADS"),
             attention_mma::K_THREADS as usize
         );
+        let w = src(&attention_wgmma::FAMILY);
+        assert_eq!(define(w, "AWG_THREADS"), attention_wgmma::THREADS as usize);
+        assert_eq!(define(w, "AWG_BQ"), attention_wgmma::QUERIES_PER_BLOCK);
+        assert_eq!(define(w, "AWG_BK"), attention_wgmma::KEYS_PER_TILE);
+        assert_eq!(define(w, "AWG_DH"), attention_wgmma::HEAD_DIM);
+        assert_eq!(define(w, "AWG_STAGES"), attention_wgmma::STAGES);
+        // Two consumer warpgroups of 64 rows each, after the producer's.
+        assert_eq!(
+            define(w, "AWG_THREADS"),
+            128 * (1 + define(w, "AWG_BQ") / 64)
+        );
+        assert_eq!(define(w, "AWG_CONSUMERS"), 2 * 128);
         let e = src(&elementwise::FAMILY);
         assert_eq!(define(e, "EW_THREADS"), elementwise::THREADS as usize);
         let t = elementwise::transpose_dims(1, 1).block;

@@ -8,6 +8,7 @@
 
 mod emulator {
     mod attention_mma;
+    mod attention_wgmma;
     mod detectors;
     mod gemm;
     mod graph;

@@ -92,8 +92,10 @@ fn hopper_instructions_exist_only_where_the_hardware_has_them() {
         "float* out",
         "extern __shared__ __align__(1024) unsigned char s[]; float acc[32] = {}; \
          wgmma_fence(); unsigned long long d = wgmma_desc(s, 16, 1024, WGMMA_SWIZZLE_128B); \
-         wgmma_m64nNk16_bf16_f32<64>(acc, d, d, 0); wgmma_commit_group(); \
-         wgmma_wait_group<0>(); wgmma_fence_operand(acc); out[threadIdx.x] = acc[0];",
+         wgmma_m64nNk16_bf16_f32<64>(acc, d, d, 0); float o[64] = {}; \
+         const unsigned a[4] = {1u, 2u, 3u, 4u}; wgmma_m64n128k16_bf16_f32_rs(o, a, d, 0); \
+         wgmma_commit_group(); wgmma_wait_group<0>(); wgmma_fence_operand(acc); \
+         wgmma_fence_operand(o); out[threadIdx.x] = acc[0] + o[1];",
     );
     let tma = probe_family(
         "ptx_tma_probe",

@@ -1,7 +1,8 @@
-//! The CUDA backend's fused attention: [`Backend::attention_qk_norm_rope`] on the tensor-core
-//! kernel of `kontext_kernels::attention_mma` (QKNorm + RoPE in its prologue, q, k, v read in
-//! place) where it applies (head dim 64 or 128, sm_80+, 16-byte aligned rows); elsewhere the
-//! unfused `qk_norm_rope` + `attention` kernels, which stay the reference.
+//! The CUDA backend's fused attention: [`Backend::attention_qk_norm_rope`] on the Hopper kernel
+//! of `kontext_kernels::attention_wgmma` (head dim 128 on compute capability 9.0), else on the
+//! mma.sync kernel of `kontext_kernels::attention_mma` (head dim 64 or 128, sm_80+); both take
+//! QKNorm + RoPE in their prologue and read q, k, v in place (16-byte aligned rows). Elsewhere
+//! the unfused `qk_norm_rope` + `attention` kernels, which stay the reference.
 
 use crate::backend::{
     check_attention, check_qk_rope, qk_norm_rope_then_attention, Backend, QkScales,
@@ -10,6 +11,7 @@ use crate::cuda::{CudaBackend, CudaTensor, CudaVector};
 use crate::error::{shape_err, Result};
 use crate::layers::RMS_EPS;
 use kontext_kernels::attention_mma::{self, Prologue};
+use kontext_kernels::attention_wgmma;
 use kontext_kernels::DType;
 
 /// Whether the fused kernel takes these operands: decided from shapes and the device alone, so
@@ -21,6 +23,14 @@ fn fast_path(b: &CudaBackend, qkv: &CudaTensor, head_dim: usize) -> bool {
     // Contiguous rows: 16-byte aligned when the width is a multiple of 8 bf16 (allocations
     // are 256-byte aligned).
     attention_mma::supports(head_dim, cc).is_ok() && qkv.cols() % 8 == 0
+}
+
+/// Whether the fast path takes the Hopper kernel (which needs a vᵀ scratch): the same rule.
+fn hopper_path(b: &CudaBackend, head_dim: usize) -> bool {
+    let cc = b
+        .dev()
+        .map_or(attention_mma::MIN_CC, |d| d.gpu.info.compute_capability);
+    attention_wgmma::supports(head_dim, cc).is_ok()
 }
 
 /// See [`Backend::attention_qk_norm_rope`].
@@ -151,6 +161,13 @@ fn fused_into(
     if l == 0 {
         return Ok(());
     }
+    // vᵀ for the Hopper kernel: [H·Dh, L] with its row stride padded to 8 elements.
+    let vt = if hopper_path(b, hd) {
+        let (rows, _, ld) = attention_wgmma::vt_shape(l, heads);
+        Some(b.tensor(DType::Bf16, rows, ld, "attention vT")?)
+    } else {
+        None
+    };
     b.launch(|dv| {
         let mats =
             [scales[0].q, scales[0].k, scales[1].q, scales[1].k].map(|v| v.mat().map(|m| m.desc()));
@@ -170,7 +187,13 @@ fn fused_into(
             eps: RMS_EPS,
         };
         let out = out.mat()?.cols_range(col0, col0 + heads * hd)?;
-        Ok(dv.k.attention_mma(qkv.mat()?, &p, &out)?)
+        match &vt {
+            Some(vt) => {
+                let vt = vt.mat()?.cols_range(0, l)?;
+                Ok(dv.k.attention_wgmma(qkv.mat()?, &p, &vt, &out)?)
+            }
+            None => Ok(dv.k.attention_mma(qkv.mat()?, &p, &out)?),
+        }
     })
 }
 

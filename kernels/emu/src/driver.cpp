@@ -1100,7 +1100,7 @@ CUresult run_launch(Function* fn, EmuDim3 grid, EmuDim3 block, size_t smem, void
     // One reading of the settings for the whole launch: a test may change them from another
     // thread (kontext_emu_set_*), and a race check must not start in one mode and end in another.
     const Settings cfg_now = settings();
-    Launch l{fn, grid, block, smem, params, cfg_now.order, cfg_now.seed};
+    Launch l{fn, grid, block, smem, params, cfg_now.order, cfg_now.seed, cfg_now.spin_limit};
     Snapshot before;
     if (cfg_now.racecheck) mem_snapshot(&before);
     std::string error;
@@ -1562,4 +1562,7 @@ API void kontext_emu_set_order(int order, unsigned long long seed) {
     settings_mut().seed = seed;
 }
 API void kontext_emu_set_racecheck(int on) { settings_mut().racecheck = on; }
+API void kontext_emu_set_spin_limit(long passes) {
+    settings_mut().spin_limit = passes > 0 ? passes : Settings{}.spin_limit;
+}
 API void kontext_emu_set_memory(unsigned long long bytes) { settings_mut().memory_bytes = bytes; }

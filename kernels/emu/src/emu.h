@@ -23,6 +23,9 @@ struct Settings {
     uint64_t seed = 1;                     // KONTEXT_EMU_ORDER=shuffle:SEED
     int racecheck = 0;                     // KONTEXT_EMU_RACECHECK=1: every launch twice, compared
     int sms = 132;                         // multiprocessor count reported
+    // Passes of a block in which only yields happened before a spin-wait counts as hung
+    // (kontext_emu_set_spin_limit: a test expecting a hang need not wait minutes for it).
+    long spin_limit = 50'000'000;
 };
 const Settings& settings();
 Settings& settings_mut();  // the control entry points (kontext_emu_set_*) change it
@@ -86,6 +89,7 @@ struct Launch {
     void** params;
     int order;
     uint64_t seed;
+    long spin_limit;
 };
 
 // Runs every block of the launch on the worker threads. Returns a CUresult; on failure `error`

@@ -36,7 +36,6 @@ constexpr int MAX_THREADS = 1024;
 constexpr int EXCHANGE = 1000;  // collective kind of the fragment exchange (not in abi.h)
 constexpr int GROUP_EXCHANGE = 1001;
 constexpr size_t SHARED_WINDOW = 256 << 10;  // more than any device's shared memory per block
-constexpr long SPIN_LIMIT = 50'000'000;  // passes in which only yields happened: a hung spin-wait
 
 enum State { RUNNABLE, AT_BARRIER, AT_COLLECTIVE, EXITED };
 
@@ -461,11 +460,14 @@ void rt_group_exchange(int group, const void* mine, void* all, size_t bytes) {
                      collective_name(GROUP_EXCHANGE), i);
             fail_block(w, CUDA_ERROR_LAUNCH_FAILED, where(w, f) + buf);
         }
-        if (g->state != AT_COLLECTIVE) {
+        // Not there yet, or still at a warp collective of its own (another warp of the group
+        // may reach the group's instruction while this one waits for its lanes at a shuffle,
+        // as warps of a warpgroup do on a GPU): wait for it. A wait that never ends is stuck().
+        if (g->state != AT_COLLECTIVE || g->c_kind != GROUP_EXCHANGE) {
             park(w);
             return;
         }
-        if (g->c_kind != GROUP_EXCHANGE || g->c_mask != (unsigned)group) {
+        if (g->c_mask != (unsigned)group) {
             char buf[200];
             snprintf(buf, sizeof buf, ": thread %d waits at %s while its group exchanges", i,
                      collective_name(g->c_kind));
@@ -688,7 +690,7 @@ void run_block(Worker* w, const EmuDim3& b) {
             if (done) return;
         }
         if (ran && !progress) {
-            if (++idle_passes > SPIN_LIMIT)
+            if (++idle_passes > l.spin_limit)
                 fail_block(w, CUDA_ERROR_LAUNCH_TIMEOUT,
                            where(w, nullptr) + ": every thread spins (yields) and none makes "
                                                "progress: a wait that can never end");

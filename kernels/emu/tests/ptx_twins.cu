@@ -396,6 +396,51 @@ extern "C" __global__ void wgmma_m64n256(const bf16* A, const bf16* B, float* D,
 #endif
 }
 
+// One warpgroup: D [64][128] = A [64][64] · B [64][128] (row-major, bf16) with four chained
+// m64n128k16 wgmmas taking A from registers, filled by the documented fragment (mma.m16n8k16's
+// A per warp: register r of thread (w, g, t) for K-slice s holds row 16w + g + 8·(r & 1),
+// columns 16s + 8·(r ≥ 2) + 2t and + 1, low half first); B in shared memory, 128B-swizzled
+// K-major (16 KiB). Mutant 1: registers 1 and 2 swapped (rows g + 8 take row g's upper keys).
+extern "C" __global__ void wgmma_rs_m64n128(const bf16* A, const bf16* B, float* D, int mutant) {
+#ifdef PTX_HAS_WGMMA
+    extern __shared__ __align__(1024) unsigned char hopper_smem[];
+    const int tid = threadIdx.x;
+    // The swizzled layout below is relative to a 1024-byte aligned start (as the kernels check).
+    if (shared_window_address(hopper_smem) % 1024u != 0) __trap();
+    for (int e = tid; e < 128 * 64; e += 128) {
+        const int n = e / 64, k = e % 64;
+        *reinterpret_cast<bf16*>(hopper_smem + kmajor_offset(n, k, 128, 128, true)) = B[k * 128 + n];
+    }
+    fence_proxy_async();
+    __syncthreads();
+    const int w = tid / 32, g = (tid % 32) / 4, t = tid % 4;
+    unsigned a[4][4];
+    for (int s = 0; s < 4; ++s)
+        for (int r = 0; r < 4; ++r) {
+            const int rr = (mutant == 1 && (r == 1 || r == 2)) ? 3 - r : r;
+            const int row = 16 * w + g + 8 * (rr & 1), col = 16 * s + 8 * (rr >> 1) + 2 * t;
+            const unsigned short lo = *reinterpret_cast<const unsigned short*>(A + row * 64 + col);
+            const unsigned short hi = *reinterpret_cast<const unsigned short*>(A + row * 64 + col + 1);
+            a[s][r] = (unsigned)lo | ((unsigned)hi << 16);
+        }
+    unsigned long long db[4];
+    for (int s = 0; s < 4; ++s) db[s] = wgmma_desc(hopper_smem + kmajor_slice(s, 128, 128), 16, 1024, 128);
+    float acc[64];
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    wgmma_fence_operand(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_m64n128k16_bf16_f32_rs(acc, a[s], db[s], s > 0);
+    wgmma_commit_group();
+    wgmma_wait_group<0>();
+    wgmma_fence_operand(acc);
+    for (int i = 0; i < 64; ++i)
+        D[(16 * w + g + 8 * ((i % 4) / 2)) * 128 + 8 * (i / 4) + 2 * t + i % 2] = acc[i];
+#else
+    (void)A, (void)B, (void)D, (void)mutant;
+#endif
+}
+
 // 128 threads, 4 KiB of dynamic shared memory. kind 0: a descriptor of a static __shared__
 // array; 1: thread 37 issues another B descriptor; 2: no wgmma_fence; 3: A's SBO points the rows
 // past the end of dynamic shared memory.

@@ -16,7 +16,7 @@ use std::ffi::c_void;
 
 const SOURCE: &str = attention_mma::FAMILY.source;
 
-fn bf16_round(v: &[f32]) -> (Vec<u16>, Vec<f32>) {
+pub(super) fn bf16_round(v: &[f32]) -> (Vec<u16>, Vec<f32>) {
     let bits: Vec<u16> = v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
     let vals = bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
     (bits, vals)
@@ -24,17 +24,17 @@ fn bf16_round(v: &[f32]) -> (Vec<u16>, Vec<f32>) {
 
 /// One problem: qkv `[l, 3·heads·hd]`, two streams' scales split at `split`, pe from row `row0`.
 #[derive(Clone, Copy)]
-struct Case {
-    l: usize,
-    heads: usize,
-    hd: usize,
-    split: usize,
-    row0: usize,
-    seed: u64,
+pub(super) struct Case {
+    pub(super) l: usize,
+    pub(super) heads: usize,
+    pub(super) hd: usize,
+    pub(super) split: usize,
+    pub(super) row0: usize,
+    pub(super) seed: u64,
 }
 
 /// QKNorm + RoPE + softmax(q̂·k̂ᵀ/√Dh)·v in f64, from the bf16 inputs.
-fn reference(c: Case, x: &[f32], sc: &[Vec<f32>], pe: &[f32]) -> Vec<f64> {
+pub(super) fn reference(c: Case, x: &[f32], sc: &[Vec<f32>], pe: &[f32]) -> Vec<f64> {
     let (l, hd) = (c.l, c.hd);
     let d = c.heads * hd;
     let w = 3 * d;

@@ -214,6 +214,17 @@ pub mod control {
         }
     }
 
+    /// Passes of only yields before a block's spin-wait counts as hung (0: the default, 5e7).
+    pub fn set_spin_limit(passes: i64) {
+        // SAFETY: a plain value (C long).
+        unsafe {
+            let f: libloading::Symbol<unsafe extern "C" fn(std::ffi::c_long)> = lib()
+                .get(b"kontext_emu_set_spin_limit")
+                .expect("kontext_emu_set_spin_limit");
+            f(passes as std::ffi::c_long);
+        }
+    }
+
     /// Launches of kernel `name` so far.
     pub fn launches(name: &str) -> u64 {
         let c = std::ffi::CString::new(name).expect("no NUL");

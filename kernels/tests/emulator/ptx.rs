@@ -588,6 +588,41 @@ fn wgmma_with_a_wrong_layout_mismatches() {
     );
 }
 
+/// wgmma with A from registers (the P·V product of attention_wgmma.cu): the documented fragment
+/// gives the CPU product, registers 1 and 2 swapped do not.
+#[test]
+#[ignore = "emulated GPU: scripts/emulated cargo test --release -p kontext-kernels --test emulator -- --ignored"]
+fn wgmma_with_a_from_registers_matches_a_cpu_product() {
+    let _s = serial();
+    if !has_cc(9, 0, "wgmma") {
+        return;
+    }
+    let m = module();
+    let f = function(&m, "wgmma_rs_m64n128");
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        16 << 10,
+    )
+    .expect("cuFuncSetAttribute");
+    let (a_bits, a) = bf16_round(&random(64 * 64, 91));
+    let (b_bits, b) = bf16_round(&random(64 * 128, 92));
+    let (want, scale) = matmul(&a, &b, &vec![0.0; 64 * 128], 64, 64, 128);
+    for mutant in [0i32, 1] {
+        let (da, db) = (upload(&a_bits), upload(&b_bits));
+        let mut dd = upload(&vec![1234.5f32; 64 * 128]);
+        launch!(&f, block(128, 16 << 10), &da, &db, &mut dd, &mutant).unwrap_or_else(|e| {
+            panic!("wgmma_rs_m64n128 (mutant {mutant}): {e:?}: {}", emu_fault())
+        });
+        let (e, at) = worst(&download(&dd), &want, &scale);
+        eprintln!("wgmma m64n128k16, A from registers × 4, mutant {mutant}: max normalised error {e:.2e} at {at}");
+        if mutant == 0 {
+            assert!(e <= MMA_TOL, "error {e:.3e} at {at}");
+        } else {
+            assert!(e >= MUTANT_MIN, "the swapped fragment went unseen: {e:.3e}");
+        }
+    }
+}
+
 /// A CUtensorMap of a row-major [rows][cols] bf16 matrix at `ptr` with `stride` bytes a row.
 #[allow(clippy::too_many_arguments)]
 fn encode_2d(
