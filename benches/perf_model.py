@@ -262,6 +262,7 @@ class Path:
     attention: str  # plain, mma_sync, hopper
     fused: bool
     weights: str  # bf16, fp8_dequant (fp8 weights, bf16 GEMMs), fp8 (cuBLASLt fp8 GEMMs)
+    built: bool = False  # the engine as built now (see the module docs), not a design target
 
 
 PATHS = {
@@ -270,6 +271,10 @@ PATHS = {
     "b_mma": Path("b_mma", "(b) fast bf16, mma.sync attention", "mma_sync", True, "bf16"),
     "b": Path("b", "(b) fast bf16, Hopper attention", "hopper", True, "bf16"),
     "c": Path("c", "(c) fast fp8, Hopper attention", "hopper", True, "fp8"),
+    "b_now": Path("b_now", "(b now) the engine as built, bf16, on an H100/H200", "hopper", False, "bf16", True),
+    "c_now": Path("c_now", "(c now) as built, fp8 weights dequantised (the default)", "hopper", False,
+                  "fp8_dequant", True),
+    "c8_now": Path("c8_now", "(c8 now) as built, fp8 x fp8 (KONTEXT_FP8_GEMM=1)", "hopper", False, "fp8", True),
 }
 
 
@@ -282,19 +287,35 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
     fp8 = path.weights == "fp8"
     ks = []
 
-    def block_gemm(name, count, rows, n, k, *, residual=False, gelu=False):
-        """A block GEMM on this path: fp8 or bf16, with the fused epilogue of the fast paths."""
-        extra = rows * n * BF16 if residual and path.fused else 0.0
-        epi = 15.0 * rows * n if gelu and path.fused else 0.0
-        suffix = ("+gate_residual" if residual else "+gelu" if gelu else "") if path.fused else ""
+    # What the engine as built fuses (path.built): GELU in the MLP-in GEMM's epilogue; the gate
+    # and residual in the output GEMMs only for dequantised fp8 weights (the gate folded into the
+    # dequantised weight, beta = 1 onto the residual), else a gate_residual pass; the single
+    # block's [attention | GELU(mlp)] written in place (one GELU pass from linear1's MLP columns,
+    # no slice or concat), the double block's qkv concat and attention slices still copies; q's
+    # QKNorm + RoPE in the attention prologue, k's in its own in-place pass; on the fp8 x fp8
+    # route adaLN's norm writes the e4m3 input of qkv / linear1 / MLP-in (two passes over x).
+    fuse_gelu = path.fused or path.built
+    fuse_residual = path.fused or (path.built and path.weights == "fp8_dequant")
+    norm_e4m3 = path.built and fp8
+
+    def block_gemm(name, count, rows, n, k, *, residual=False, gelu=False, normed=False):
+        """A block GEMM on this path: fp8 or bf16, with the fused epilogue of the fast paths.
+        `normed`: its input is adaLN's norm output (written as e4m3 by the norm on norm_e4m3)."""
+        fr, fg = residual and fuse_residual, gelu and fuse_gelu
+        extra = rows * n * BF16 if fr else 0.0
+        epi = 15.0 * rows * n if fg else 0.0
+        suffix = "+gate_residual" if fr else "+gelu" if fg else ""
         ks.append(gemm(name + suffix, count, rows, n, k, card, a=FP8 if fp8 else BF16, w=FP8 if fp8 else BF16,
                        extra_read=extra, unit="fp8" if fp8 else "bf16", group="block_gemm", epi_flops=epi))
         if path.weights == "fp8_dequant":  # fp8.cu: e4m3 -> bf16 scratch, before every GEMM
             ks.append(elementwise(name + " fp8 dequant", count, n * k, read=FP8, write=BF16, flops_per_elem=1,
                                   group="fp8_dequant"))
-        if fp8:  # the GEMM's input as e4m3: amax pass, then quantise (read bf16, write fp8)
+        if fp8 and not (normed and norm_e4m3):  # the GEMM's input as e4m3: amax pass, then quantise
             ks.append(elementwise(name + " act quantise", count, rows * k, read=2 * BF16, write=FP8,
                                   flops_per_elem=3, group="fp8_quantise"))
+        if residual and path.built and not fr:
+            ks.append(elementwise(name + " gate_residual", count, rows * n, read=2 * BF16, write=BF16,
+                                  flops_per_elem=2))
 
     def other_gemm(name, count, rows, n, k, group):
         # An fp8 checkpoint stores every 2-D weight in fp8. (a8) dequantises each before its GEMM;
@@ -307,12 +328,17 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
             ks.append(elementwise(name + " fp8 dequant", count, n * k, read=FP8, write=BF16, flops_per_elem=1,
                                   group="fp8_dequant"))
 
-    def norm_modulate(name, count, rows):
-        ks.append(elementwise(name, count, rows * d, read=BF16, write=BF16, flops_per_elem=8))
+    def norm_modulate(name, count, rows, *, feeds_gemm=True):
+        if norm_e4m3 and feeds_gemm:  # norm_modulate_amax, then norm_modulate_e4m3 (x read twice)
+            ks.append(elementwise(name + " e4m3", count, rows * d, read=2 * BF16, write=FP8, flops_per_elem=16))
+        else:
+            ks.append(elementwise(name, count, rows * d, read=BF16, write=BF16, flops_per_elem=8))
 
     def qk_norm_rope(name, count, rows):
-        # q and k in place (2 D per row), the RoPE table's cos / sin (f32, Dh per row)
-        ks.append(elementwise(name, count, rows * 2 * d, read=BF16, write=BF16, flops_per_elem=10,
+        # q and k in place (2 D per row), the RoPE table's cos / sin (f32, Dh per row); as built,
+        # q's part is the attention kernel's prologue and only k gets the pass
+        parts = 1 if path.built and path.attention != "plain" else 2
+        ks.append(elementwise(name, count, rows * parts * d, read=BF16, write=BF16, flops_per_elem=10,
                               extra_read=rows * cfg.attention_head_dim * 4))
 
     def v_transpose(name, count, rows):
@@ -321,8 +347,8 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
             ks.append(elementwise(name, count, rows * d, read=BF16, write=BF16, flops_per_elem=0,
                                   group="v_transpose"))
 
-    def copy(name, count, elems):
-        if not path.fused:
+    def copy(name, count, elems, *, built_too=True):
+        if not path.fused and (built_too or not path.built):
             ks.append(elementwise(name, count, elems, read=BF16, write=BF16, flops_per_elem=0, group="copy"))
 
     # embedders (every step: txt_in's output does not change between steps, the engine recomputes it)
@@ -347,14 +373,14 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
     for stream, rows in (("img", ni), ("txt", lt)):
         p = f"double.{stream}"
         norm_modulate(f"{p}.norm_modulate", 2 * nd, rows)
-        block_gemm(f"{p}.qkv", nd, rows, 3 * d, d)
+        block_gemm(f"{p}.qkv", nd, rows, 3 * d, d, normed=True)
         qk_norm_rope(f"{p}.qk_norm_rope", nd, rows)
         block_gemm(f"{p}.proj", nd, rows, d, d, residual=True)
-        block_gemm(f"{p}.mlp_in", nd, rows, m, d, gelu=True)
-        if not path.fused:
+        block_gemm(f"{p}.mlp_in", nd, rows, m, d, gelu=True, normed=True)
+        if not fuse_gelu:
             ks.append(elementwise(f"{p}.gelu", nd, rows * m, read=BF16, write=BF16, flops_per_elem=15))
         block_gemm(f"{p}.mlp_out", nd, rows, d, m, residual=True)
-        if not path.fused:
+        if not path.fused and not path.built:
             ks.append(elementwise(f"{p}.gate_residual", 2 * nd, rows * d, read=2 * BF16, write=BF16,
                                   flops_per_elem=2))
     copy("double.concat_qkv", nd, seq * 3 * d)
@@ -365,20 +391,22 @@ def step_kernels(cfg: FluxConfig, tokens: tuple, path: Path, card: Card, steps: 
     # single-stream blocks over the joint sequence
     copy("concat txt|img, slice img", 1, seq * d + ni * d)
     norm_modulate("single.norm_modulate", ns, seq)
-    block_gemm("single.linear1", ns, seq, 3 * d + m, d, gelu=True)
+    # the GELU of the fast designs rides linear1's epilogue (row-permuted weight); as built it is
+    # one pass from linear1's MLP columns into the [attention | GELU(mlp)] buffer
+    block_gemm("single.linear1", ns, seq, 3 * d + m, d, gelu=path.fused, normed=True)
     qk_norm_rope("single.qk_norm_rope", ns, seq)
     ks.append(attention("single.attention", ns, seq, cfg, path.attention))
     v_transpose("single.v_transpose", ns, seq)
-    copy("single.slice_mlp", ns, seq * m)
+    copy("single.slice_mlp", ns, seq * m, built_too=False)
     if not path.fused:
         ks.append(elementwise("single.gelu", ns, seq * m, read=BF16, write=BF16, flops_per_elem=15))
-    copy("single.concat_attn_mlp", ns, seq * (d + m))
+    copy("single.concat_attn_mlp", ns, seq * (d + m), built_too=False)
     block_gemm("single.linear2", ns, seq, d, d + m, residual=True)
-    if not path.fused:
+    if not path.fused and not path.built:
         ks.append(elementwise("single.gate_residual", ns, seq * d, read=2 * BF16, write=BF16, flops_per_elem=2))
 
     # final layer (the engine runs it on all Ni rows; only the Nx target rows are kept)
-    norm_modulate("final.norm_modulate", 1, ni)
+    norm_modulate("final.norm_modulate", 1, ni, feeds_gemm=False)
     other_gemm("final.linear", 1, ni, cfg.out_channels, d, "final")
     return ks
 

@@ -1693,135 +1693,151 @@ fn ck_step(c: &mut Check, fp8: bool, tiny: bool) -> R<()> {
         (total - free) as f64 / (1u64 << 30) as f64,
         total as f64 / (1u64 << 30) as f64
     );
-    // 1024² edit: 64×64 target tokens at index 0, 64×64 context tokens at index 1.
-    let (nx, nc) = (side * side, side * side);
-    let x = c.randn(nx, cfg.in_channels, 0.0, 1.0).data;
-    let ctx = c.randn(nc, cfg.in_channels, 0.0, 1.0).data;
-    let mut ids = image_ids(side, side, 0.0);
-    ids.extend(image_ids(side, side, 1.0));
-    let txt = c.randn(lt, cfg.context_in_dim, 0.0, 0.3).data;
-    let tids = txt_ids(lt);
-    let y = c.randn(1, cfg.vec_in_dim, 0.0, 1.0).data;
-    let inp = FluxInputs {
-        img: &[],
-        img_ids: &ids,
-        txt: &txt,
-        txt_ids: &tids,
-        t: 0.7,
-        guidance: 2.5,
-        y: &y,
-    };
-    let mut out = Vec::new();
-    let (mut times, mut graph_times) = (Vec::new(), Vec::new());
-    let mut allocs = (0, 0);
-    // As the pipeline runs a step: the modulation of every step is computed once before the
-    // loop (issue 7), the loop's state lives on the device, and a step is the forward plus the
-    // Euler update (Flux::denoise_step); timed eagerly (CUDA events around its launches) and
-    // as the pipeline runs it, one CUDA graph replayed (host clock around launch + sync).
-    let mut cond = Vec::new();
-    c.cuda.planned(
-        &mut || flux.conditioning(&[inp.t], inp.guidance, inp.y).map(drop),
-        &mut || {
-            cond = flux.conditioning(&[inp.t], inp.guidance, inp.y)?;
-            Ok::<(), EngineError>(())
-        },
-    )?;
-    let cond = &cond[0];
-    let dt = -0.01;
-    let captures_before = c.cuda.graph_stats().0;
-    c.cuda.planned(
-        &mut || {
-            let mut s = flux.denoise_state(&x, &ctx, &inp, cond, dt)?;
-            flux.denoise_step(&mut s)?;
-            flux.set_step(&mut s, cond, dt)
-        },
-        &mut || {
-            let s = std::cell::RefCell::new(flux.denoise_state(&x, &ctx, &inp, cond, dt)?);
-            flux.denoise_step(&mut s.borrow_mut())?; // warm-up: cuBLASLt plans, caches
-            allocs.0 = gpu.allocations();
-            for _ in 0..2 {
-                let ms = gpu.time_ms(|| flux.denoise_step(&mut s.borrow_mut()))?;
-                times.push(ms);
-            }
-            // Run 0 eager (the warm-up that decides), runs 1 and 2 replays of one graph.
-            let mut last = Instant::now();
-            c.cuda.repeat(
-                3,
-                &mut || flux.denoise_step(&mut s.borrow_mut()),
-                &mut |i| {
-                    if i > 0 {
-                        graph_times.push(last.elapsed().as_secs_f64() * 1e3);
-                    }
-                    last = Instant::now();
-                    Ok(())
+    // fp8 weights: both routes on the one loaded model (issue 13: measure both, keep the
+    // faster) — dequantised into bf16 GEMMs (the default), then e4m3 × e4m3 GEMMs.
+    let routes: &[bool] = if fp8 { &[false, true] } else { &[false] };
+    for &e4m3 in routes {
+        c.cuda.set_fp8_gemm(e4m3);
+        c.cuda.set_poison(false);
+        // 1024² edit: 64×64 target tokens at index 0, 64×64 context tokens at index 1.
+        let (nx, nc) = (side * side, side * side);
+        let x = c.randn(nx, cfg.in_channels, 0.0, 1.0).data;
+        let ctx = c.randn(nc, cfg.in_channels, 0.0, 1.0).data;
+        let mut ids = image_ids(side, side, 0.0);
+        ids.extend(image_ids(side, side, 1.0));
+        let txt = c.randn(lt, cfg.context_in_dim, 0.0, 0.3).data;
+        let tids = txt_ids(lt);
+        let y = c.randn(1, cfg.vec_in_dim, 0.0, 1.0).data;
+        let inp = FluxInputs {
+            img: &[],
+            img_ids: &ids,
+            txt: &txt,
+            txt_ids: &tids,
+            t: 0.7,
+            guidance: 2.5,
+            y: &y,
+        };
+        let mut out = Vec::new();
+        let (mut times, mut graph_times) = (Vec::new(), Vec::new());
+        let mut allocs = (0, 0);
+        // As the pipeline runs a step: the modulation of every step is computed once before the
+        // loop (issue 7), the loop's state lives on the device, and a step is the forward plus the
+        // Euler update (Flux::denoise_step); timed eagerly (CUDA events around its launches) and
+        // as the pipeline runs it, one CUDA graph replayed (host clock around launch + sync).
+        let mut cond = Vec::new();
+        c.cuda.planned(
+            &mut || flux.conditioning(&[inp.t], inp.guidance, inp.y).map(drop),
+            &mut || {
+                cond = flux.conditioning(&[inp.t], inp.guidance, inp.y)?;
+                Ok::<(), EngineError>(())
+            },
+        )?;
+        let cond = &cond[0];
+        let dt = -0.01;
+        let captures_before = c.cuda.graph_stats().0;
+        c.cuda.planned(
+            &mut || {
+                let mut s = flux.denoise_state(&x, &ctx, &inp, cond, dt)?;
+                flux.denoise_step(&mut s)?;
+                flux.set_step(&mut s, cond, dt)
+            },
+            &mut || {
+                let s = std::cell::RefCell::new(flux.denoise_state(&x, &ctx, &inp, cond, dt)?);
+                flux.denoise_step(&mut s.borrow_mut())?; // warm-up: cuBLASLt plans, caches
+                allocs.0 = gpu.allocations();
+                for _ in 0..2 {
+                    let ms = gpu.time_ms(|| flux.denoise_step(&mut s.borrow_mut()))?;
+                    times.push(ms);
+                }
+                // Run 0 eager (the warm-up that decides), runs 1 and 2 replays of one graph.
+                let mut last = Instant::now();
+                c.cuda.repeat(
+                    3,
+                    &mut || flux.denoise_step(&mut s.borrow_mut()),
+                    &mut |i| {
+                        if i > 0 {
+                            graph_times.push(last.elapsed().as_secs_f64() * 1e3);
+                        }
+                        last = Instant::now();
+                        Ok(())
+                    },
+                )?;
+                allocs.1 = gpu.allocations();
+                out = flux.backend.download(&s.borrow().x)?;
+                Ok(())
+            },
+        )?;
+        c.cuda.set_poison(true);
+        let ms = times
+            .iter()
+            .chain(&graph_times)
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let flop = step_flops(&cfg, lt, nx, nc);
+        let label = format!(
+            "transformer step {}{}",
+            match (fp8, e4m3) {
+                (false, _) => "bf16",
+                (true, false) => "fp8 (dequantised)",
+                (true, true) => "fp8 (e4m3 x e4m3)",
+            },
+            if tiny { " (tiny)" } else { "" }
+        );
+        let nonfinite = out.iter().filter(|v| !v.is_finite()).count();
+        let pool = c.cuda.last_pool_bytes() as f64 / (1u64 << 30) as f64;
+        let captured = c.cuda.graph_stats().0 > captures_before;
+        let ok = nonfinite == 0 && !out.is_empty() && allocs.0 == allocs.1 && captured;
+        c.push(Row {
+            section: "step",
+            name: label.clone(),
+            shape: format!(
+                "L{} ({lt}+{nx}+{nc}) {}+{} blocks",
+                lt + nx + nc,
+                cfg.depth,
+                cfg.depth_single
+            ),
+            cmp: None,
+            ok,
+            note: format!(
+                "{:.2} TFLOP (spec 7: 165.45); {} allocations in the timed steps; {nonfinite} NaN/Inf in the latents; pool {pool:.2} GiB; eager runs {:?} ms, CUDA-graph replays {:?} ms (the figure: the faster)",
+                flop / 1e12,
+                allocs.1 - allocs.0,
+                times.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>(),
+                graph_times.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>()
+            ),
+            ms: ok.then_some(ms),
+            rate: if ok { tflops(flop, ms) } else { String::new() },
+        });
+        // One machine-readable line for benches/compare.py; the step section runs last, so
+        // "correctness_passed" covers every check of this run before it.
+        if tiny {
+            continue; // no figure: the tiny step only proves the code
+        }
+        let mut sorted: Vec<f64> = times.iter().chain(&graph_times).copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let gpu_name = kontext_kernels::cuda_available()
+            .map(|d| d.name)
+            .unwrap_or_default();
+        println!(
+            "BENCH_JSON {}",
+            serde_json::json!({
+                "bench": "engine_step",
+                "dtype": match (fp8, e4m3) {
+                    (false, _) => "bf16",
+                    (true, false) => "fp8",
+                    (true, true) => "fp8_e4m3_gemm",
                 },
-            )?;
-            allocs.1 = gpu.allocations();
-            out = flux.backend.download(&s.borrow().x)?;
-            Ok(())
-        },
-    )?;
-    c.cuda.set_poison(true);
-    let ms = times
-        .iter()
-        .chain(&graph_times)
-        .copied()
-        .fold(f64::INFINITY, f64::min);
-    let flop = step_flops(&cfg, lt, nx, nc);
-    let label = format!(
-        "transformer step {}{}",
-        if fp8 { "fp8" } else { "bf16" },
-        if tiny { " (tiny)" } else { "" }
-    );
-    let nonfinite = out.iter().filter(|v| !v.is_finite()).count();
-    let pool = c.cuda.last_pool_bytes() as f64 / (1u64 << 30) as f64;
-    let captured = c.cuda.graph_stats().0 > captures_before;
-    let ok = nonfinite == 0 && !out.is_empty() && allocs.0 == allocs.1 && captured;
-    c.push(Row {
-        section: "step",
-        name: label.clone(),
-        shape: format!(
-            "L{} ({lt}+{nx}+{nc}) {}+{} blocks",
-            lt + nx + nc,
-            cfg.depth,
-            cfg.depth_single
-        ),
-        cmp: None,
-        ok,
-        note: format!(
-            "{:.2} TFLOP (spec 7: 165.45); {} allocations in the timed steps; {nonfinite} NaN/Inf in the latents; pool {pool:.2} GiB; eager runs {:?} ms, CUDA-graph replays {:?} ms (the figure: the faster)",
-            flop / 1e12,
-            allocs.1 - allocs.0,
-            times.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>(),
-            graph_times.iter().map(|t| format!("{t:.0}")).collect::<Vec<_>>()
-        ),
-        ms: ok.then_some(ms),
-        rate: if ok { tflops(flop, ms) } else { String::new() },
-    });
-    // One machine-readable line for benches/compare.py; the step section runs last, so
-    // "correctness_passed" covers every check of this run before it.
-    if tiny {
-        return Ok(()); // no figure: the tiny step only proves the code
+                "gpu": gpu_name,
+                "tokens": {"text": LT, "target": nx, "context": nc},
+                "ms_median": sorted.get(sorted.len() / 2),
+                "ms_min": sorted.first(),
+                "ms_eager": times,
+                "ms_graph": graph_times,
+                "correctness_passed": ok && c.rows.iter().all(|r| r.ok),
+            })
+        );
     }
-    let mut sorted: Vec<f64> = times.iter().chain(&graph_times).copied().collect();
-    sorted.sort_by(f64::total_cmp);
-    let gpu_name = kontext_kernels::cuda_available()
-        .map(|d| d.name)
-        .unwrap_or_default();
-    println!(
-        "BENCH_JSON {}",
-        serde_json::json!({
-            "bench": "engine_step",
-            "dtype": if fp8 { "fp8" } else { "bf16" },
-            "gpu": gpu_name,
-            "tokens": {"text": LT, "target": nx, "context": nc},
-            "ms_median": sorted.get(sorted.len() / 2),
-            "ms_min": sorted.first(),
-            "ms_eager": times,
-            "ms_graph": graph_times,
-            "correctness_passed": ok && c.rows.iter().all(|r| r.ok),
-        })
-    );
+    c.cuda.set_fp8_gemm(false);
     Ok(())
 }
 

@@ -83,20 +83,9 @@ pub(crate) fn single_block_branches(
         "single block [attention ‖ GELU(mlp)]",
     )?;
     if fast_path(b, lin1, hd) {
-        fused_into(
-            b,
-            lin1,
-            (heads, hd),
-            [scales.clone(), scales],
-            l,
-            pe,
-            0,
-            &u,
-            0,
-        )?;
+        fused_into(b, lin1, (heads, hd), [scales, scales], l, pe, 0, &u, 0)?;
     } else {
-        let attn =
-            qk_norm_rope_then_attention(b, lin1, (heads, hd), [scales.clone(), scales], l, pe, 0)?;
+        let attn = qk_norm_rope_then_attention(b, lin1, (heads, hd), [scales, scales], l, pe, 0)?;
         b.launch(|dv| Ok(dv.k.copy2d(attn.mat()?, &u.mat()?.cols_range(0, d)?)?))?;
     }
     b.make_bf16(lin1, OP)?;

@@ -262,14 +262,8 @@ pub trait Backend {
                 ),
             ));
         }
-        let attn = self.attention_qk_norm_rope(
-            lin1,
-            (num_heads, head_dim),
-            [scales.clone(), scales],
-            l,
-            pe,
-            0,
-        )?; // [L, D]
+        let attn =
+            self.attention_qk_norm_rope(lin1, (num_heads, head_dim), [scales, scales], l, pe, 0)?; // [L, D]
         let mlp = self.slice_cols(lin1, 3 * d, w)?; // [L, M]
         let mlp = self.gelu_tanh(&mlp)?;
         self.concat_cols(&attn, &mlp)

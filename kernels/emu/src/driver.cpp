@@ -1181,8 +1181,10 @@ API CUresult cuLaunchKernel(CUfunction f, unsigned int gx, unsigned int gy, unsi
                                                   std::to_string(count) + " parameters");
     for (int i = 0; i < count; ++i) {
         const size_t size = fn->kernel->param_sizes[i];
-        // Each value at an offset aligned for any parameter type (at most 16-byte vectors).
-        const size_t at = (n->param_data.size() + 15) / 16 * 16;
+        // Each value at an offset aligned for any parameter type: a CUtensorMap passed by value
+        // (__grid_constant__) is 64-byte aligned, the TMA instructions check it; replay places
+        // the buffer at a 64-byte aligned address.
+        const size_t at = (n->param_data.size() + 63) / 64 * 64;
         n->param_data.resize(at + size);
         memcpy(n->param_data.data() + at, params[i], size);
         n->param_offsets.push_back(at);
@@ -1352,9 +1354,13 @@ namespace {
 CUresult replay(const Node& n) {
     switch (n.kind) {
         case Node::KERNEL: {
+            // The values at a 64-byte aligned base (a vector's storage is only 16-byte aligned).
+            std::vector<unsigned char> buf(n.param_data.size() + 64);
+            unsigned char* base = reinterpret_cast<unsigned char*>(
+                (reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+            if (!n.param_data.empty()) memcpy(base, n.param_data.data(), n.param_data.size());
             std::vector<void*> params;
-            for (size_t at : n.param_offsets)
-                params.push_back(const_cast<unsigned char*>(n.param_data.data()) + at);
+            for (size_t at : n.param_offsets) params.push_back(base + at);
             return run_launch(n.fn, n.grid, n.block, n.smem, params.data());
         }
         case Node::COPY: {
