@@ -56,6 +56,11 @@ Paths:
   (c)  fast fp8: (b) with the block GEMMs on cuBLASLt fp8 (e4m3 weights and activations, per-tensor
        scales, bf16 out) at the fp8 ceiling; each fp8 GEMM input quantised by its own pass
        (amax read, then read + fp8 write); attention, embedders, final layer stay bf16.
+  (b now), (c now), (c8 now): the engine as built (Hopper attention; bf16, fp8 dequantised, fp8 x
+       fp8): GELU in the MLP-in epilogue; the gated residual in the GEMM only for dequantised fp8
+       weights, else a pass; the single block's branches written into one buffer (one GELU pass);
+       the double block's qkv concat and attention slices still copies; k's QKNorm + RoPE a pass,
+       q's in the attention prologue; on the fp8 x fp8 route adaLN's norm writes e4m3 itself.
 """
 
 from __future__ import annotations
@@ -604,7 +609,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--card", default="H100 SXM")
     ap.add_argument("--shape", default="1024sq", choices=sorted(SHAPES))
-    ap.add_argument("--paths", default="a,b,c", help="paths with a per-kernel table (a, a8, b_mma, b, c)")
+    ap.add_argument("--paths", default="a,b,c", help="paths with a per-kernel table (a, a8, b_mma, b, c, b_now, c_now, c8_now)")
     ap.add_argument("--summary", action="store_true", help="only the shape x card x path summary")
     ap.add_argument("--check", action="store_true", help="internal consistency checks; exit 1 on a failure")
     ap.add_argument("--json", help="write the summary records to this file")
