@@ -7,6 +7,12 @@
 //!   vector, then one GEMM with beta = 1 onto the residual: `residual += gate ⊙ (x·Wᵀ + b)`
 //!   without the `gate_residual` pass over the activations. (cuBLASLt's per-row alpha vector
 //!   would do this for bf16 weights too, but its documentation offers it to int8 kernels only.)
+//!   bf16 weights keep the pass: folding the gate into a scaled copy of the weight, as here,
+//!   would rewrite every output projection each step, ~14.3 GB of traffic per 1024² step
+//!   (3.6 G weight elements read and written) to save ~12.2 GB of `gate_residual` passes (2.0 G
+//!   activation elements, x and y read, x written): at Flux's sizes the weights are as large as
+//!   the activations, so the fold does not pay (the fp8 route dequantises anyway, so it is free).
+//!   Measured by the byte counts of `benches/perf_model.py` (`b_now`), not yet on a GPU.
 //! - the fp8 × fp8 route for fp8 weights ([`CudaBackend::set_fp8_gemm`]): the activations
 //!   quantised to e4m3 with a per-tensor scale, then cuBLASLt's fp8 GEMM per weight part (each
 //!   with its own scale as alpha). Off by default: it doubles the tensor-core rate but adds
