@@ -27,9 +27,12 @@ fn fast_path(b: &CudaBackend, qkv: &CudaTensor, head_dim: usize) -> bool {
 
 /// Whether the fast path takes the Hopper kernel (which needs a vᵀ scratch): the same rule.
 fn hopper_path(b: &CudaBackend, head_dim: usize) -> bool {
+    // A planner without a GPU plans for Hopper, whose path needs the vᵀ scratch (the larger
+    // plan, as memory::workspace_bytes assumes Hopper's workspace): a plan for an older card
+    // then over-counts ~53 MB at 8,704 tokens instead of a Hopper run exceeding its plan.
     let cc = b
         .dev()
-        .map_or(attention_mma::MIN_CC, |d| d.gpu.info.compute_capability);
+        .map_or(attention_wgmma::CC, |d| d.gpu.info.compute_capability);
     attention_wgmma::supports(head_dim, cc).is_ok()
 }
 
