@@ -1720,6 +1720,7 @@ fn ck_step(c: &mut Check, fp8: bool, tiny: bool) -> R<()> {
         let mut out = Vec::new();
         let (mut times, mut graph_times) = (Vec::new(), Vec::new());
         let mut allocs = (0, 0);
+        let (mut eager1, mut graph1) = (Vec::new(), Vec::new());
         // As the pipeline runs a step: the modulation of every step is computed once before the
         // loop (issue 7), the loop's state lives on the device, and a step is the forward plus the
         // Euler update (Flux::denoise_step); timed eagerly (CUDA events around its launches) and
@@ -1764,10 +1765,52 @@ fn ck_step(c: &mut Check, fp8: bool, tiny: bool) -> R<()> {
                 )?;
                 allocs.1 = gpu.allocations();
                 out = flux.backend.download(&s.borrow().x)?;
+                // A replayed step equals the eager step from the same state: one eager step from
+                // x0, then x0 written back and a repeat of 2 (run 0 eager, whose result is
+                // replaced by x0 again, run 1 a fresh capture's replay).
+                let b = &flux.backend;
+                let x0 = out.clone();
+                flux.denoise_step(&mut s.borrow_mut())?;
+                eager1 = b.download(&s.borrow().x)?;
+                b.write(&mut s.borrow_mut().x, &x0)?;
+                b.repeat(
+                    2,
+                    &mut || flux.denoise_step(&mut s.borrow_mut()),
+                    &mut |i| {
+                        if i == 0 {
+                            b.write(&mut s.borrow_mut().x, &x0)
+                        } else {
+                            graph1 = b.download(&s.borrow().x)?;
+                            Ok(())
+                        }
+                    },
+                )?;
                 Ok(())
             },
         )?;
         c.cuda.set_poison(true);
+        // cuBLASLt may pick a reduction order that differs between runs; the step's f32 latents
+        // must then still agree to the f32 op tolerance (bit for bit on the emulated GPU).
+        let same = eager1 == graph1;
+        let graph_ok = c.record(
+            "step",
+            &format!(
+                "graph replay == eager step{}",
+                if same { " (bit for bit)" } else { "" }
+            ),
+            &format!(
+                "{} latents, {}",
+                graph1.len(),
+                match (fp8, e4m3) {
+                    (false, _) => "bf16",
+                    (true, false) => "fp8 dequantised",
+                    (true, true) => "fp8 e4m3 x e4m3",
+                }
+            ),
+            &graph1,
+            &eager1,
+            1e-5,
+        );
         let ms = times
             .iter()
             .chain(&graph_times)
@@ -1786,7 +1829,7 @@ fn ck_step(c: &mut Check, fp8: bool, tiny: bool) -> R<()> {
         let nonfinite = out.iter().filter(|v| !v.is_finite()).count();
         let pool = c.cuda.last_pool_bytes() as f64 / (1u64 << 30) as f64;
         let captured = c.cuda.graph_stats().0 > captures_before;
-        let ok = nonfinite == 0 && !out.is_empty() && allocs.0 == allocs.1 && captured;
+        let ok = nonfinite == 0 && !out.is_empty() && allocs.0 == allocs.1 && captured && graph_ok;
         c.push(Row {
             section: "step",
             name: label.clone(),

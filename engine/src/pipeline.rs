@@ -533,6 +533,23 @@ impl Pipeline {
         prompt: &str,
         notes: &mut Vec<String>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _turn = self.gpu_turn(m);
+        self.encode_prompt_inner(m, prompt, notes)
+    }
+
+    /// CUDA work of this pipeline runs one request at a time (see `cuda_requests`): the lock
+    /// for work on `m` when it is on CUDA, none on the CPU.
+    fn gpu_turn<B: EncoderBackend>(&self, m: &Models<B>) -> Option<std::sync::MutexGuard<'_, ()>> {
+        (m.flux.backend.name() == "cuda")
+            .then(|| self.cuda_requests.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn encode_prompt_inner<B: EncoderBackend>(
+        &self,
+        m: &Models<B>,
+        prompt: &str,
+        notes: &mut Vec<String>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
         // Only the pipeline's own models are cached: they live as long as it does (others, run
         // with these tokenizers through `run_with`, may be dropped and their address reused).
         let models = m as *const Models<B> as usize;
@@ -617,17 +634,17 @@ impl Pipeline {
         stages: Option<StageHook<'_>>,
     ) -> Result<Output> {
         match &self.engine {
-            Engine::Cpu(m) => {
-                self.run_references_with(m, references, layout, prompt, opts, progress, stages)
-            }
+            Engine::Cpu(m) => self.run_inner(m, references, layout, prompt, opts, progress, stages),
             Engine::Cuda(m) => {
-                let _one_at_a_time = self.cuda_requests.lock().unwrap_or_else(|e| e.into_inner());
+                // The fit check and the run in one turn: no other request takes the memory
+                // between them.
+                let _turn = self.gpu_turn(m);
                 // Sizes only: the run resizes the references itself.
                 let dims: Vec<(usize, usize)> =
                     references.iter().map(|r| (r.width, r.height)).collect();
                 let sizes = crate::request::plan_sizes(&dims, opts)?;
                 self.check_fits(m, &sizes, opts.steps)?;
-                self.run_references_with(m, references, layout, prompt, opts, progress, stages)
+                self.run_inner(m, references, layout, prompt, opts, progress, stages)
             }
         }
     }
@@ -696,6 +713,21 @@ impl Pipeline {
         prompt: &str,
         opts: &EditOptions,
         progress: &mut dyn FnMut(&Progress),
+        stages: Option<StageHook<'_>>,
+    ) -> Result<Output> {
+        let _turn = self.gpu_turn(m);
+        self.run_inner(m, references, layout, prompt, opts, progress, stages)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_inner<B: EncoderBackend>(
+        &self,
+        m: &Models<B>,
+        references: &[&RgbImage],
+        layout: RefLayout,
+        prompt: &str,
+        opts: &EditOptions,
+        progress: &mut dyn FnMut(&Progress),
         mut stages: Option<StageHook<'_>>,
     ) -> Result<Output> {
         let mut observe = |name: &str, v: &[f32]| {
@@ -711,7 +743,7 @@ impl Pipeline {
         progress(&Progress::EncodingText);
         let t0 = Instant::now();
         let (txt, pooled) = self
-            .encode_prompt_with(m, prompt, &mut notes)
+            .encode_prompt_inner(m, prompt, &mut notes)
             .map_err(|e| e.in_stage("text encoding"))?; // [Lt, d], [d]
         let lt = txt.len() / m.t5.config.d_model;
         observe("prompt_embeds", &txt);

@@ -76,10 +76,17 @@ pub(crate) struct Functions {
 }
 
 impl Functions {
-    pub(crate) fn resolve(m: &Arc<CudaModule>) -> Result<Functions> {
+    /// The family's functions on a device of compute capability `cc`. The kernel is loaded on
+    /// every device (its body is empty off sm_90a, and the launch counters list it), but opts in
+    /// to its shared memory only where it runs: 128 KiB is past the 99 KiB that sm_86 / sm_89 /
+    /// sm_120 cards allow, where the driver refuses the attribute, which would fail the load.
+    pub(crate) fn resolve(m: &Arc<CudaModule>, cc: (i32, i32)) -> Result<Functions> {
         let f = Functions {
             d128: function(m, &FAMILY, "attention_wgmma_d128")?,
         };
+        if supports(HEAD_DIM, cc).is_err() {
+            return Ok(f);
+        }
         // Past 48 KiB a kernel must opt in to its dynamic shared memory, once per function.
         f.d128
             .func

@@ -356,6 +356,41 @@ impl Gpu {
         self.synchronize()
     }
 
+    /// `dst = src` on the device, byte for byte: two views of one dtype and shape, each row one
+    /// async copy on the stream (one copy when both are contiguous). Queued, not waited for, so
+    /// it may be captured into a graph.
+    pub fn copy_mat(&self, src: &DeviceMat, dst: &DeviceMat) -> Result<()> {
+        let (s, d) = (src.desc(), dst.desc());
+        if s.dtype != d.dtype || s.rows != d.rows || s.cols != d.cols {
+            return Err(shape_err(
+                "copy_mat",
+                format!("{} into {}: dtype and shape must match", s.show(), d.show()),
+            ));
+        }
+        if s.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let size = s.dtype.size();
+        let contiguous = s.ld == s.cols && d.ld == d.cols;
+        let (rows, row_bytes) = if contiguous {
+            (1, s.rows * s.cols * size)
+        } else {
+            (s.rows, s.cols * size)
+        };
+        for r in 0..rows {
+            let (from, to) = (
+                s.addr + (r * s.ld * size) as u64,
+                d.addr + (r * d.ld * size) as u64,
+            );
+            // SAFETY: both views lie inside their allocations (checked by DeviceMat::new), so
+            // row r's `row_bytes` are device memory on both sides.
+            unsafe { result::memcpy_dtod_async(to, from, row_bytes, self.stream.cu_stream()) }
+                .map_err(|e| driver_err("cuMemcpyDtoDAsync", e))?;
+        }
+        Ok(())
+    }
+
     /// Reads `src` back as row-major f32 (bf16 and fp8 are decoded exactly; fp8 without scale).
     pub fn read_f32(&self, src: &DeviceMat) -> Result<Vec<f32>> {
         let bytes = self.read_bytes(src)?;

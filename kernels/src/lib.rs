@@ -157,7 +157,10 @@ impl Kernels {
         let qk = qk_norm_rope::Functions::resolve(&load(&qk_norm_rope::FAMILY)?)?;
         let attn = attention::Functions::resolve(&load(&attention::FAMILY)?)?;
         let amma = attention_mma::Functions::resolve(&load(&attention_mma::FAMILY)?)?;
-        let awg = attention_wgmma::Functions::resolve(&load(&attention_wgmma::FAMILY)?)?;
+        let awg = attention_wgmma::Functions::resolve(
+            &load(&attention_wgmma::FAMILY)?,
+            gpu.info.compute_capability,
+        )?;
         let ew = elementwise::Functions::resolve(&load(&elementwise::FAMILY)?)?;
         let fp8 = fp8::Functions::resolve(&load(&fp8::FAMILY)?)?;
         let conv = conv::Functions::resolve(&load(&conv::FAMILY)?)?;

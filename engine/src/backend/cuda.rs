@@ -1197,9 +1197,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         match (src.dtype, dst.dtype) {
-            (DType::Bf16, DType::Bf16) => {
-                self.launch(|d| Ok(d.k.copy2d(src.mat()?, dst.mat()?)?))
-            }
+            (s, t) if s == t => self.launch(|d| Ok(d.gpu.copy_mat(src.mat()?, dst.mat()?)?)),
             (DType::F32, DType::Bf16) | (DType::Bf16, DType::F32) => {
                 self.launch(|d| Ok(d.k.cast(src.mat()?, dst.mat()?)?))
             }
