@@ -282,6 +282,36 @@ pub fn check(qkv: &MatDesc, p: &Prologue, out: &MatDesc, cc: (i32, i32)) -> Resu
 }
 
 impl Kernels {
+    /// The k pass both fused attentions start with: QKNorm + RoPE of qkv's k columns, in place.
+    /// `plan` comes from [`check`] on these operands.
+    pub(crate) fn k_norm_rope_pass(
+        &self,
+        dq: &MatDesc,
+        p: &Prologue,
+        plan: &AttentionMma,
+    ) -> Result<()> {
+        let (ld, ld_pe) = (dq.ld as i64, p.pe.ld as i64);
+        let pe_ptr = p.pe.addr + plan.pe_offset;
+        let [s0, s1] = p.scales;
+        let mut l = self.launch(&self.amma.k_norm_rope);
+        l.ptr(&dq.addr)
+            .i64(&ld)
+            .i32(&plan.len)
+            .i32(&plan.heads)
+            .i32(&plan.head_dim)
+            .ptr(&s0.k.addr)
+            .ptr(&s1.k.addr)
+            .i32(&plan.split)
+            .ptr(&pe_ptr)
+            .i64(&ld_pe)
+            .f32(&p.eps);
+        // SAFETY: `check` verified that qkv holds q, k, v of H heads × Dh bf16 on each row, the
+        // k scales are f32 [1, Dh] and pe_ptr points at row pe_row0 of an f32 table with rows
+        // [pe_row0, pe_row0 + L) of Dh columns, none of them overlapping qkv; the arguments
+        // match the kernel's parameters in order and type.
+        unsafe { l.run(plan.k_dims) }
+    }
+
     /// `out [L, H·Dh] = softmax(q̂·k̂ᵀ / sqrt(Dh)) · v` per head, with q̂, k̂ = RoPE(RMSNorm(q, k)
     /// × scale) (spec 1.5 – 1.7), q, k, v read from columns `[0, D)`, `[D, 2D)`, `[2D, 3D)` of
     /// `qkv [L, W]` bf16 (D = H·Dh). The k columns of qkv are normalised and rotated in place
@@ -296,24 +326,8 @@ impl Kernels {
         let (ld, ld_out, ld_pe) = (dq.ld as i64, dout.ld as i64, p.pe.ld as i64);
         let pe_ptr = p.pe.addr + plan.pe_offset;
         let [s0, s1] = p.scales;
-        let (k_base, eps, scale) = (dq.addr, p.eps, 1.0 / (p.head_dim as f32).sqrt());
-        let mut l = self.launch(&self.amma.k_norm_rope);
-        l.ptr(&k_base)
-            .i64(&ld)
-            .i32(&plan.len)
-            .i32(&plan.heads)
-            .i32(&plan.head_dim)
-            .ptr(&s0.k.addr)
-            .ptr(&s1.k.addr)
-            .i32(&plan.split)
-            .ptr(&pe_ptr)
-            .i64(&ld_pe)
-            .f32(&eps);
-        // SAFETY: `check` verified that qkv holds q, k, v of H heads × Dh bf16 on each row, the
-        // k scales are f32 [1, Dh] and pe_ptr points at row pe_row0 of an f32 table with rows
-        // [pe_row0, pe_row0 + L) of Dh columns, none of them overlapping qkv; the arguments
-        // match the kernel's parameters in order and type.
-        unsafe { l.run(plan.k_dims) }?;
+        let (eps, scale) = (p.eps, 1.0 / (p.head_dim as f32).sqrt());
+        self.k_norm_rope_pass(&dq, p, &plan)?;
         let f = if p.head_dim == 64 {
             &self.amma.d64
         } else {
@@ -333,7 +347,7 @@ impl Kernels {
             .f32(&scale)
             .ptr(&dout.addr)
             .i64(&ld_out);
-        // SAFETY: as above, and out is bf16 [L, H·Dh] disjoint from every operand; qkv and out
+        // SAFETY: `check` verified qkv, the q scales and pe as for the k pass, and out is bf16 [L, H·Dh] disjoint from every operand; qkv and out
         // start 16-byte aligned with row strides that are multiples of 8 elements (cp.async,
         // bf16x2 stores); the dynamic shared memory is the kernel's smem_bytes(Dh), opted in at
         // resolve time; Dh selects the kernel built for it.

@@ -280,23 +280,8 @@ impl Kernels {
         let [s0, s1] = p.scales;
         let (eps, scale) = (p.eps, 1.0 / (p.head_dim as f32).sqrt());
         let m = &plan.mma;
-        let mut l = self.launch(&self.amma.k_norm_rope);
-        l.ptr(&dq.addr)
-            .i64(&ld)
-            .i32(&m.len)
-            .i32(&m.heads)
-            .i32(&m.head_dim)
-            .ptr(&s0.k.addr)
-            .ptr(&s1.k.addr)
-            .i32(&m.split)
-            .ptr(&pe_ptr)
-            .i64(&ld_pe)
-            .f32(&eps);
-        // SAFETY: `check` (through attention_mma::check) verified that qkv holds q, k, v of H
-        // heads × 128 bf16 on each row, the k scales are f32 [1, 128] and pe_ptr points at row
-        // pe_row0 of an f32 table with rows [pe_row0, pe_row0 + L) of 128 columns, none of them
-        // overlapping qkv; the arguments match the kernel's parameters in order and type.
-        unsafe { l.run(m.k_dims) }?;
+        // `check` validated the operands through attention_mma::check: the same k pass.
+        self.k_norm_rope_pass(&dq, p, m)?;
         // vᵀ: the v columns [2D, 3D) of qkv, [L, D], transposed into vt [D, L].
         let d = p.heads * HEAD_DIM;
         let v_addr = dq.addr + (2 * d * 2) as u64;
@@ -328,7 +313,7 @@ impl Kernels {
             .f32(&scale)
             .ptr(&dout.addr)
             .i64(&ld_out);
-        // SAFETY: as above; out is bf16 [L, H·128] disjoint from every operand; the maps cover
+        // SAFETY: `check` verified qkv, the q scales and pe as for the k pass; out is bf16 [L, H·128] disjoint from every operand; the maps cover
         // exactly qkv [L, W] and vt [D, L] (the copies zero-fill past them); the dynamic shared
         // memory is SMEM_BYTES, opted in at resolve time.
         unsafe { l.run_with_smem(plan.dims, SMEM_BYTES) }
