@@ -94,75 +94,17 @@ fn attention(source: &str, c: Case) -> (Result<(), cudarc::driver::DriverError>,
         smem as i32,
     )
     .expect("the dynamic shared memory opt-in");
-    let d = c.heads * c.hd;
-    let w = 3 * d;
-    let (x_bits, x) = bf16_round(
-        &random(c.l * w, c.seed)
-            .iter()
-            .map(|v| 2.0 * v)
-            .collect::<Vec<_>>(),
-    );
-    let sc: Vec<Vec<f32>> = (0..4)
-        .map(|i| {
-            let v: Vec<f32> = random(c.hd, c.seed + 1 + i)
-                .iter()
-                .map(|r| 1.0 + 0.3 * r)
-                .collect();
-            bf16_round(&v).1
-        })
-        .collect();
-    // One spare row past the last used one: an off-by-one row reads real (wrong) angles instead
-    // of faulting at the guard page, so the check itself has to see it.
-    let lpe = c.row0 + c.l + 1;
-    let pe: Vec<f32> = random(lpe * c.hd / 2, c.seed + 9)
-        .iter()
-        .flat_map(|r| {
-            let a = 3.0 * r;
-            [a.cos(), a.sin()]
-        })
-        .collect();
-    let qkv = buffer(&x_bits);
-    let scales: Vec<_> = sc.iter().map(|v| buffer(v)).collect();
-    let dpe = buffer(&pe);
-    let out = poisoned::<u16>(c.l * d);
-    let (qp, op) = (qkv.ptr(), out.ptr());
-    let (s0q, s0k, s1q, s1k) = (
-        scales[0].ptr(),
-        scales[1].ptr(),
-        scales[2].ptr(),
-        scales[3].ptr(),
-    );
-    let pe_ptr = dpe.ptr() + (c.row0 * c.hd * 4) as u64;
-    let (ld, l32, h32, hd32, split) = (
-        w as i64,
-        c.l as i32,
-        c.heads as i32,
-        c.hd as i32,
-        c.split as i32,
-    );
-    let (ld_pe, eps, scale, ld_out) = (c.hd as i64, 1e-6f32, 1.0 / (c.hd as f32).sqrt(), d as i64);
-    let cfg = LaunchConfig {
-        grid_dim: (c.l as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut p: Vec<*mut c_void> = vec![
-        arg(&qp),
-        arg(&ld),
-        arg(&l32),
-        arg(&h32),
-        arg(&hd32),
-        arg(&s0k),
-        arg(&s1k),
-        arg(&split),
-        arg(&pe_ptr),
-        arg(&ld_pe),
-        arg(&eps),
-    ];
-    let r = run(&knr, cfg, &mut p);
+    let o = Operands::new(c);
+    let r = o.k_pass(&knr, c);
     if r.is_err() {
         return (r, f64::NAN);
     }
+    let d = c.heads * c.hd;
+    let (qp, op) = (o.qkv.ptr(), o.out.ptr());
+    let (s0q, s1q) = (o.scales[0].ptr(), o.scales[2].ptr());
+    let pe_ptr = o.pe_ptr(c);
+    let (ld, l32, h32, split) = (3 * d as i64, c.l as i32, c.heads as i32, c.split as i32);
+    let (ld_pe, eps, scale, ld_out) = (c.hd as i64, 1e-6f32, 1.0 / (c.hd as f32).sqrt(), d as i64);
     let cfg = LaunchConfig {
         grid_dim: (c.l.div_ceil(64) as u32, c.heads as u32, 1),
         block_dim: (128, 1, 1),
@@ -187,17 +129,124 @@ fn attention(source: &str, c: Case) -> (Result<(), cudarc::driver::DriverError>,
     if r.is_err() {
         return (r, f64::NAN);
     }
-    let got: Vec<f32> = read::<u16>(&out)
-        .iter()
-        .map(|&b| bf16::from_bits(b).to_f32())
-        .collect();
-    let want = reference(c, &x, &sc, &pe);
-    let (mut e2, mut r2) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(&want) {
-        e2 += (g as f64 - w).powi(2);
-        r2 += w * w;
+    (r, o.error(c))
+}
+
+type Alloc = std::sync::Arc<kontext_kernels::gpu::DeviceAlloc>;
+
+/// A case's operands, for both fused attentions' checks: qkv (random, bf16), the QKNorm scales
+/// (q, k of stream 0, then of stream 1), the RoPE table; on the host as the reference reads
+/// them and on the device, with the output [L, H·Dh] poisoned.
+pub(super) struct Operands {
+    x: Vec<f32>,
+    sc: Vec<Vec<f32>>,
+    pe: Vec<f32>,
+    pub(super) qkv: Alloc,
+    pub(super) scales: Vec<Alloc>,
+    dpe: Alloc,
+    pub(super) out: Alloc,
+}
+
+impl Operands {
+    pub(super) fn new(c: Case) -> Operands {
+        let w = 3 * c.heads * c.hd;
+        let (x_bits, x) = bf16_round(
+            &random(c.l * w, c.seed)
+                .iter()
+                .map(|v| 2.0 * v)
+                .collect::<Vec<_>>(),
+        );
+        let sc: Vec<Vec<f32>> = (0..4)
+            .map(|i| {
+                let v: Vec<f32> = random(c.hd, c.seed + 1 + i)
+                    .iter()
+                    .map(|r| 1.0 + 0.3 * r)
+                    .collect();
+                bf16_round(&v).1
+            })
+            .collect();
+        // One spare row past the last used one: an off-by-one row reads real (wrong) angles
+        // instead of faulting at the guard page, so the check itself has to see it.
+        let lpe = c.row0 + c.l + 1;
+        let pe: Vec<f32> = random(lpe * c.hd / 2, c.seed + 9)
+            .iter()
+            .flat_map(|r| {
+                let a = 3.0 * r;
+                [a.cos(), a.sin()]
+            })
+            .collect();
+        Operands {
+            qkv: buffer(&x_bits),
+            scales: sc.iter().map(|v| buffer(v)).collect(),
+            dpe: buffer(&pe),
+            out: poisoned::<u16>(c.l * c.heads * c.hd),
+            x,
+            sc,
+            pe,
+        }
     }
-    (r, (e2 / r2).sqrt())
+
+    /// The device address of pe row `row0`, where the kernels start reading.
+    pub(super) fn pe_ptr(&self, c: Case) -> u64 {
+        self.dpe.ptr() + (c.row0 * c.hd * 4) as u64
+    }
+
+    /// `attention_mma_k_norm_rope` (`knr`): QKNorm + RoPE of qkv's k columns, in place, the
+    /// pass both fused kernels start with.
+    pub(super) fn k_pass(
+        &self,
+        knr: &cudarc::driver::CudaFunction,
+        c: Case,
+    ) -> Result<(), cudarc::driver::DriverError> {
+        let (qp, s0k, s1k, pe_ptr) = (
+            self.qkv.ptr(),
+            self.scales[1].ptr(),
+            self.scales[3].ptr(),
+            self.pe_ptr(c),
+        );
+        let (ld, l32, h32, hd32, split) = (
+            (3 * c.heads * c.hd) as i64,
+            c.l as i32,
+            c.heads as i32,
+            c.hd as i32,
+            c.split as i32,
+        );
+        let (ld_pe, eps) = (c.hd as i64, 1e-6f32);
+        let cfg = LaunchConfig {
+            grid_dim: (c.l as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut p: Vec<*mut c_void> = vec![
+            arg(&qp),
+            arg(&ld),
+            arg(&l32),
+            arg(&h32),
+            arg(&hd32),
+            arg(&s0k),
+            arg(&s1k),
+            arg(&split),
+            arg(&pe_ptr),
+            arg(&ld_pe),
+            arg(&eps),
+        ];
+        run(knr, cfg, &mut p)
+    }
+
+    /// ‖out − ref‖/‖ref‖ of the output against the f64 reference (NaN when out holds NaN).
+    pub(super) fn error(&self, c: Case) -> f64 {
+        let got: Vec<f32> = read::<u16>(&self.out)
+            .iter()
+            .map(|&b| bf16::from_bits(b).to_f32())
+            .collect();
+        let want = reference(c, &self.x, &self.sc, &self.pe);
+        let (mut e2, mut r2) = (0.0f64, 0.0f64);
+        for (&g, &w) in got.iter().zip(&want) {
+            e2 += (g as f64 - w).powi(2);
+            r2 += w * w;
+        }
+        (e2 / r2).sqrt()
+    }
 }
 
 /// bf16 q̂, k̂ and probabilities into f32 products, one bf16 rounding of the output: measured

@@ -6,13 +6,10 @@
 //! mbarrier wait, a RoPE row off by one, a missing key mask. Then the launcher through `Kernels`
 //! with its launch counts, and the mma.sync kernel still chosen below sm_90.
 
-use super::attention_mma::{bf16_round, reference, Case};
-use super::harness::{
-    arg, buffer, compile, control, function, gpu, mutate, poisoned, random, read, run, serial,
-};
+use super::attention_mma::{Case, Operands};
+use super::harness::{arg, compile, control, function, gpu, mutate, poisoned, random, run, serial};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig};
-use half::bf16;
 use kontext_kernels::attention_mma::{self, Prologue, QkScales};
 use kontext_kernels::attention_wgmma::{self, tensor_maps, vt_shape};
 use kontext_kernels::{elementwise, DType, Kernels, MatDesc};
@@ -69,77 +66,21 @@ fn attention(source: &str, c: Case) -> (Result<(), cudarc::driver::DriverError>,
         attention_wgmma::SMEM_BYTES as i32,
     )
     .expect("the dynamic shared memory opt-in");
-    let d = c.heads * c.hd;
-    let w = 3 * d;
-    let (x_bits, x) = bf16_round(
-        &random(c.l * w, c.seed)
-            .iter()
-            .map(|v| 2.0 * v)
-            .collect::<Vec<_>>(),
-    );
-    let sc: Vec<Vec<f32>> = (0..4)
-        .map(|i| {
-            let v: Vec<f32> = random(c.hd, c.seed + 1 + i)
-                .iter()
-                .map(|r| 1.0 + 0.3 * r)
-                .collect();
-            bf16_round(&v).1
-        })
-        .collect();
-    // One spare row past the last used one: an off-by-one row reads real (wrong) angles.
-    let lpe = c.row0 + c.l + 1;
-    let pe: Vec<f32> = random(lpe * c.hd / 2, c.seed + 9)
-        .iter()
-        .flat_map(|r| {
-            let a = 3.0 * r;
-            [a.cos(), a.sin()]
-        })
-        .collect();
-    let qkv = buffer(&x_bits);
-    let scales: Vec<_> = sc.iter().map(|v| buffer(v)).collect();
-    let dpe = buffer(&pe);
-    let out = poisoned::<u16>(c.l * d);
-    // vᵀ with its padding columns poisoned: the kernel must never read past key L − 1.
-    let (vt_rows, vt_cols, vt_ld) = vt_shape(c.l, c.heads);
-    let vt = poisoned::<u16>(vt_rows * vt_ld);
-    let (qp, op, vtp) = (qkv.ptr(), out.ptr(), vt.ptr());
-    let (s0q, s0k, s1q, s1k) = (
-        scales[0].ptr(),
-        scales[1].ptr(),
-        scales[2].ptr(),
-        scales[3].ptr(),
-    );
-    let pe_ptr = dpe.ptr() + (c.row0 * c.hd * 4) as u64;
-    let (ld, l32, h32, hd32, split) = (
-        w as i64,
-        c.l as i32,
-        c.heads as i32,
-        c.hd as i32,
-        c.split as i32,
-    );
-    let (ld_pe, eps, scale, ld_out) = (c.hd as i64, 1e-6f32, 1.0 / (c.hd as f32).sqrt(), d as i64);
-    let cfg = LaunchConfig {
-        grid_dim: (c.l as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut p: Vec<*mut c_void> = vec![
-        arg(&qp),
-        arg(&ld),
-        arg(&l32),
-        arg(&h32),
-        arg(&hd32),
-        arg(&s0k),
-        arg(&s1k),
-        arg(&split),
-        arg(&pe_ptr),
-        arg(&ld_pe),
-        arg(&eps),
-    ];
-    let r = run(&knr, cfg, &mut p);
+    let o = Operands::new(c);
+    let r = o.k_pass(&knr, c);
     if r.is_err() {
         return (r, f64::NAN);
     }
+    let d = c.heads * c.hd;
+    let w = 3 * d;
+    // vᵀ with its padding columns poisoned: the kernel must never read past key L − 1.
+    let (vt_rows, vt_cols, vt_ld) = vt_shape(c.l, c.heads);
+    let vt = poisoned::<u16>(vt_rows * vt_ld);
+    let (qp, op, vtp) = (o.qkv.ptr(), o.out.ptr(), vt.ptr());
+    let (s0q, s1q) = (o.scales[0].ptr(), o.scales[2].ptr());
+    let pe_ptr = o.pe_ptr(c);
+    let (ld, l32, h32, split) = (w as i64, c.l as i32, c.heads as i32, c.split as i32);
+    let (ld_pe, eps, scale, ld_out) = (c.hd as i64, 1e-6f32, 1.0 / (c.hd as f32).sqrt(), d as i64);
     let v_ptr = qp + (2 * d * 2) as u64;
     let (ld_vt, d32) = (vt_ld as i64, d as i32);
     let td = elementwise::transpose_dims(c.l, d);
@@ -191,17 +132,7 @@ fn attention(source: &str, c: Case) -> (Result<(), cudarc::driver::DriverError>,
     if r.is_err() {
         return (r, f64::NAN);
     }
-    let got: Vec<f32> = read::<u16>(&out)
-        .iter()
-        .map(|&b| bf16::from_bits(b).to_f32())
-        .collect();
-    let want = reference(c, &x, &sc, &pe);
-    let (mut e2, mut r2) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(&want) {
-        e2 += (g as f64 - w).powi(2);
-        r2 += w * w;
-    }
-    (r, (e2 / r2).sqrt())
+    (r, o.error(c))
 }
 
 /// As attention_mma.rs: bf16 q̂, k̂ and probabilities into f32 products (≈ 3e-3 measured); a
