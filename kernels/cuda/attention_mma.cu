@@ -56,32 +56,6 @@
 #define AMMA_KNR_THREADS 256
 #define LOG2E 1.4426950408889634f
 
-// QKNorm then RoPE of one head row x [DH] (global, bf16), a warp together: lane owns the pairs
-// j = lane + 32·e. The same operations, in the same order per element, as qk_norm_rope.cu.
-template <int DH>
-__device__ __forceinline__ void norm_rope_row(const bf16* x, const float* scale, const float* pe,
-                                              float eps, int lane, __nv_bfloat162 (&y)[DH / 64]) {
-    constexpr int E = DH / 64;
-    float2 v[E];
-    float ss = 0.0f;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        v[e] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + 2 * (lane + 32 * e)));
-        ss += v[e].x * v[e].x + v[e].y * v[e].y;
-    }
-    const float rrms = rsqrtf(warp_sum(ss) * (1.0f / (float)DH) + eps);
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-        const int j = lane + 32 * e;
-        const float a = __fmul_rn(__fmul_rn(v[e].x, rrms), scale[2 * j]);
-        const float b = __fmul_rn(__fmul_rn(v[e].y, rrms), scale[2 * j + 1]);
-        const float c = pe[2 * j];
-        const float s = pe[2 * j + 1];
-        y[e] = __floats2bfloat162_rn(__fsub_rn(__fmul_rn(c, a), __fmul_rn(s, b)),
-                                     __fadd_rn(__fmul_rn(s, a), __fmul_rn(c, b)));
-    }
-}
-
 // k ← rope(rmsnorm(k) · k_scale), in place on the k columns of qkv; rows [0, split) use
 // k_scale0, the others k_scale1. Any even head dim (two passes over the head, like
 // qk_norm_rope.cu). Grid-stride over rows, one warp per head.

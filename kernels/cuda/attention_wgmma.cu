@@ -78,31 +78,6 @@
 #define LOG2E 1.4426950408889634f
 
 #ifdef PTX_HAS_WGMMA
-// QKNorm then RoPE of one head row x [128] (global, bf16), a warp together: lane owns the pairs
-// j = lane and j = lane + 32. attention_mma.cu's norm_rope_row, operation for operation (the two
-// kernels must produce the same q̂ bits).
-__device__ __forceinline__ void awg_norm_rope_row(const bf16* x, const float* scale, const float* pe,
-                                                  float eps, int lane, __nv_bfloat162 (&y)[2]) {
-    float2 v[2];
-    float ss = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        v[e] = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + 2 * (lane + 32 * e)));
-        ss += v[e].x * v[e].x + v[e].y * v[e].y;
-    }
-    const float rrms = rsqrtf(warp_sum(ss) * (1.0f / (float)AWG_DH) + eps);
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-        const int j = lane + 32 * e;
-        const float a = __fmul_rn(__fmul_rn(v[e].x, rrms), scale[2 * j]);
-        const float b = __fmul_rn(__fmul_rn(v[e].y, rrms), scale[2 * j + 1]);
-        const float c = pe[2 * j];
-        const float s = pe[2 * j + 1];
-        y[e] = __floats2bfloat162_rn(__fsub_rn(__fmul_rn(c, a), __fmul_rn(s, b)),
-                                     __fadd_rn(__fmul_rn(s, a), __fmul_rn(c, b)));
-    }
-}
-
 // Byte offset of (row r, byte b < 128) in a 128B-swizzled box of 128-byte rows whose start is
 // 1024-byte aligned: the 16-byte chunk XORed with the row's position in its 8-row atom (the
 // TMA's and wgmma's swizzle, ptx.cuh).
@@ -233,8 +208,8 @@ extern "C" __global__ void __launch_bounds__(AWG_THREADS, 1)
             const int i = q0 + qi;
             __nv_bfloat162 y[2];
             if (i < L) {
-                awg_norm_rope_row(qb + (i64)i * ld, i < split ? q_scale0 : q_scale1,
-                                  pe + (i64)i * ld_pe, eps, lane, y);
+                norm_rope_row<AWG_DH>(qb + (i64)i * ld, i < split ? q_scale0 : q_scale1,
+                                      pe + (i64)i * ld_pe, eps, lane, y);
             } else {
                 y[0] = y[1] = __floats2bfloat162_rn(0.0f, 0.0f);
             }
