@@ -1737,11 +1737,7 @@ fn ck_step(c: &mut Check, fp8: bool, tiny: bool) -> R<()> {
         let dt = -0.01;
         let captures_before = c.cuda.graph_stats().0;
         c.cuda.planned(
-            &mut || {
-                let mut s = flux.denoise_state(&x, &ctx, &inp, cond, dt)?;
-                flux.denoise_step(&mut s)?;
-                flux.set_step(&mut s, cond, dt)
-            },
+            &mut || flux.denoise_plan(&x, &ctx, &inp, cond, dt),
             &mut || {
                 let s = std::cell::RefCell::new(flux.denoise_state(&x, &ctx, &inp, cond, dt)?);
                 flux.denoise_step(&mut s.borrow_mut())?; // warm-up: cuBLASLt plans, caches

@@ -344,12 +344,7 @@ pub fn stage_pools(m: &Models<CudaBackend>, sizes: &SizePlan, steps: usize) -> R
         guidance: 2.5,
         y: &pooled,
     };
-    // As the pipeline's plan of its loop: the loop's state, one step, the host's rewrite.
-    let step = b.plan_bytes(&mut || {
-        let mut s = f.denoise_state(&x, &ctx, &inp, &cond[0], -0.1)?;
-        f.denoise_step(&mut s)?;
-        f.set_step(&mut s, &cond[0], -0.1)
-    })?;
+    let step = b.plan_bytes(&mut || f.denoise_plan(&x, &ctx, &inp, &cond[0], -0.1))?;
     let latent = Latent {
         data: vec![0.0; z * lh * lw],
         channels: z,

@@ -834,15 +834,11 @@ impl Pipeline {
         // (recorded once and replayed on CUDA, Backend::repeat); between steps the host writes
         // the next step's conditioning and dt into the state and reads the latents back.
         let dts: Vec<f32> = schedule.windows(2).map(|w| w[1] - w[0]).collect();
-        let state = || flux.denoise_state(&x, &ctx_img, &base, first_cond, dts[0]);
-        let mut plan_step = || {
-            let mut s = state()?;
-            flux.denoise_step(&mut s)?;
-            flux.set_step(&mut s, first_cond, dts[0])
-        };
+        let mut plan_step = || flux.denoise_plan(&x, &ctx_img, &base, first_cond, dts[0]);
         let mut denoise = || -> Result<Vec<f32>> {
             progress(&Progress::Denoising { steps: opts.steps });
-            let s = std::cell::RefCell::new(state()?);
+            let state = flux.denoise_state(&x, &ctx_img, &base, first_cond, dts[0])?;
+            let s = std::cell::RefCell::new(state);
             let mut latents = Vec::new();
             let mut step_start = Instant::now();
             flux.backend.repeat(

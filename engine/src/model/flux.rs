@@ -477,6 +477,22 @@ impl<B: Backend> Flux<B> {
         b.euler_step(&mut s.x, &v, &s.dt)
     }
 
+    /// What the denoising loop does to the backend's memory, for a plan pass
+    /// ([`Backend::planned`]) to size it: the loop's state, one step, the host's rewrite of the
+    /// state between steps. The pipeline's loop, the memory plan and the GPU check plan with it.
+    pub fn denoise_plan(
+        &self,
+        x: &[f32],
+        ctx: &[f32],
+        inp: &FluxInputs<'_>,
+        cond: &StepConditioning<B::Tensor>,
+        dt: f32,
+    ) -> Result<()> {
+        let mut s = self.denoise_state(x, ctx, inp, cond, dt)?;
+        self.denoise_step(&mut s)?;
+        self.set_step(&mut s, cond, dt)
+    }
+
     /// One forward from host inputs → velocity `[Ni, out]` (all image rows; the sampler keeps the
     /// first `Nx`): the conditioning of `inp.t` alone, then [`Flux::forward_conditioned`]. Calls
     /// `hook` with `vec` and every stage of [`Flux::forward_embedded`].
